@@ -1,0 +1,1 @@
+"""Command-line interface: ``main`` parses and delegates; each command lives in its own module."""
