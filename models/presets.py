@@ -14,7 +14,7 @@ RANDOM_PRESETS: dict[str, ModelConfig] = {
                               norm_eps=1e-6, eos_token_ids=(2,), name="tiny-qwen2"),
     "tiny-mistral": ModelConfig(Family.LLAMA, vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
                                 num_kv_heads=2, intermediate_size=128, max_position_embeddings=1024,
-                                sliding_window=32, bos_token_id=1, eos_token_ids=(2,), name="tiny-mistral"),
+                                sliding_window=8, bos_token_id=1, eos_token_ids=(2,), name="tiny-mistral"),
     "tiny-gpt2": ModelConfig(Family.GPT2, vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
                              num_kv_heads=4, intermediate_size=256, max_position_embeddings=1024,
                              tie_word_embeddings=True, bos_token_id=0, eos_token_ids=(0,), name="tiny-gpt2"),

@@ -1,0 +1,67 @@
+"""Shared test fixtures: tiny seeded models, the real checkpoint in ../shared/models when present."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MODELS = REPO.parent / "shared" / "models"
+STORIES260K = SHARED_MODELS / "stories260K"
+
+
+def has_gpu() -> bool:
+    try:
+        import onnxruntime as ort
+
+        return "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_device_present()
+    except ImportError:
+        return False
+
+
+def _cuda_device_present() -> bool:
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    return lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+
+
+def pytest_collection_modifyitems(config, items):
+    if has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """Factory: preset name -> (torch model, config, path of its kvc export); cached per session."""
+    cache: dict[str, tuple] = {}
+
+    def make(preset: str, seed: int = 0):
+        key = f"{preset}-{seed}"
+        if key not in cache:
+            from kvc.models import random_model
+            from kvc.models.export import export_onnx
+            from kvc.models.presets import RANDOM_PRESETS
+
+            config = RANDOM_PRESETS[preset]
+            model = random_model(config, seed=seed)
+            path = tmp_path_factory.mktemp(f"export-{key}") / "model.onnx"
+            export_onnx(model, config, path)
+            cache[key] = (model, config, path)
+        return cache[key]
+
+    return make
