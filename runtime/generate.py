@@ -1,0 +1,189 @@
+"""The prefill/decode loop over any Engine: batched, streaming, with per-sequence stop rules.
+
+A request of B prompts uses cache rows 0..B-1. Prefill right-pads the prompts to the longest
+one and runs them in one call; each row's padding is written to the ring but stays invisible
+(causality) and is overwritten by that row's next decode step, because each row keeps its own
+``past_len``. Decode then runs one token per row per call.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from kvc.errors import GenerationError
+from kvc.runtime.detokenize import IncrementalDetokenizer
+from kvc.runtime.engine import Engine
+from kvc.runtime.sampling import Sampler, SamplingParams
+from kvc.runtime.stopping import FinishReason, SequenceStopper
+
+
+class OverflowPolicy(str, Enum):
+    REFUSE = "refuse"  # prompt over capacity is refused; generation stops at capacity ("length")
+    SLIDE = "slide"  # keep going: the ring wraps and attention becomes a sliding window of the capacity
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+    prefix_cache_tokens: int = 0  # prompt tokens served from the prefix cache
+    kv_bytes_in_use: int = 0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = max(self.generated_tokens - 1, 0)  # the first token comes from prefill
+        return steps / self.decode_s if self.decode_s else 0.0
+
+    def to_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
+                "prefill_s": self.prefill_s, "decode_s": self.decode_s,
+                "prefill_tokens_per_s": self.prefill_tokens_per_s, "decode_tokens_per_s": self.decode_tokens_per_s,
+                "time_to_first_token_s": self.time_to_first_token_s,
+                "prefix_cache_tokens": self.prefix_cache_tokens, "kv_bytes_in_use": self.kv_bytes_in_use}
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason.value,
+                "stats": self.stats.to_dict()}
+
+
+@dataclass(frozen=True)
+class TextEvent:
+    row: int
+    text: str
+    finish_reason: FinishReason | None
+
+
+@dataclass(frozen=True)
+class PrefixHit:
+    """Cache slots of a prompt prefix to reuse: per cache tensor, [kv_heads, length, ...]."""
+    length: int
+    slots: list[np.ndarray]
+
+
+class GenerationRun:
+    """One request: owns the per-row state and yields TextEvents as tokens are generated."""
+
+    def __init__(self, engine: Engine, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 eos_token_ids: Sequence[int], tokenizer=None, overflow: OverflowPolicy = OverflowPolicy.REFUSE,
+                 prefix: PrefixHit | None = None, bytes_per_token: int = 0):
+        self.engine, self.params, self.overflow = engine, params, overflow
+        self.prompts = [list(map(int, p)) for p in prompts]
+        self._check_request()
+        self.prefix = prefix
+        self.bytes_per_token = bytes_per_token
+        self.sampler = Sampler(params, len(self.prompts))
+        self.history = [list(p) for p in self.prompts]
+        self.generated: list[list[int]] = [[] for _ in self.prompts]
+        self.stoppers = [SequenceStopper(params, eos_token_ids,
+                                         IncrementalDetokenizer(tokenizer, p) if tokenizer is not None else None)
+                         for p in self.prompts]
+        self.past_len = np.zeros(len(self.prompts), dtype=np.int64)
+        self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in self.prompts))
+
+    def _check_request(self) -> None:
+        if not self.prompts or any(len(p) == 0 for p in self.prompts):
+            raise GenerationError("every prompt needs at least one token (add a BOS token or some text)")
+        if len(self.prompts) > self.engine.max_batch:
+            raise GenerationError(f"{len(self.prompts)} prompts exceed max_batch={self.engine.max_batch} "
+                                  "set when the model was loaded; load with a larger max_batch")
+        longest = max(len(p) for p in self.prompts)
+        if longest > self.engine.capacity and self.overflow is OverflowPolicy.REFUSE:
+            raise GenerationError(f"prompt of {longest} tokens exceeds the KV-cache capacity of "
+                                  f"{self.engine.capacity}; recompile with a larger --max-seq-len, shorten "
+                                  "the prompt, or pass --on-overflow slide")
+        if longest > self.engine.capacity and len(self.prompts) > 1:
+            raise GenerationError("prompts over capacity can only slide one at a time (batch of 1)")
+
+    def events(self) -> Iterator[TextEvent]:
+        start = time.perf_counter()
+        last_logits = self._prefill()
+        self.stats.prefill_s = time.perf_counter() - start
+        active = list(range(len(self.prompts)))
+        first = True
+        decode_start = time.perf_counter()
+        while active:
+            tokens = self.sampler.sample(last_logits, self.history)
+            if first:
+                self.stats.time_to_first_token_s = time.perf_counter() - start
+                first = False
+            for row in list(active):
+                token = int(tokens[row])
+                at_capacity = (self.overflow is OverflowPolicy.REFUSE
+                               and self.past_len[row] + 1 > self.engine.capacity)
+                out = self.stoppers[row].step(token, at_capacity=at_capacity)
+                if out.finish_reason not in (FinishReason.STOP, FinishReason.EOS):
+                    self.generated[row].append(token)
+                self.history[row].append(token)
+                if out.text or out.finish_reason is not None:
+                    yield TextEvent(row, out.text, out.finish_reason)
+                if out.finish_reason is not None:
+                    active.remove(row)
+            if not active:
+                break
+            last_logits = self._decode(tokens)
+        self.stats.decode_s = time.perf_counter() - decode_start
+        self.stats.generated_tokens = sum(len(g) for g in self.generated)
+        self.stats.kv_bytes_in_use = int(sum(min(int(n), self.engine.capacity) for n in self.past_len)
+                                         * self.bytes_per_token)
+
+    def _prefill(self) -> np.ndarray:
+        """Run all prompt tokens; return each row's logits at its last prompt token [B, V]."""
+        start = 0
+        if self.prefix is not None:
+            for row in range(len(self.prompts)):
+                self.engine.write_slots(row, self.prefix.slots)
+            start = self.prefix.length
+            self.past_len[:] = start
+            self.stats.prefix_cache_tokens = start * len(self.prompts)
+        remaining = [p[start:] for p in self.prompts]
+        if len(remaining) == 1 and len(remaining[0]) > self.engine.capacity:
+            return self._prefill_sliding(remaining[0])
+        lengths = np.array([len(r) for r in remaining], dtype=np.int64)
+        width = int(lengths.max())
+        ids = np.zeros((len(remaining), width), dtype=np.int64)
+        for row, r in enumerate(remaining):
+            ids[row, : len(r)] = r
+        positions = self.past_len[:, None] + np.arange(width, dtype=np.int64)[None, :]
+        logits = self.engine.forward(ids, positions, self.past_len.copy())
+        self.past_len += lengths
+        return logits[np.arange(len(remaining)), lengths - 1]
+
+    def _prefill_sliding(self, tokens: list[int]) -> np.ndarray:
+        """A prompt over capacity (slide policy): fill the ring in one call, then one token per call,
+        so every query sees exactly the last `capacity` tokens."""
+        cap = self.engine.capacity
+        head = np.array([tokens[:cap]], dtype=np.int64)
+        logits = self.engine.forward(head, self.past_len[:, None] + np.arange(cap)[None, :], self.past_len.copy())
+        self.past_len += cap
+        for token in tokens[cap:]:
+            logits = self.engine.forward(np.array([[token]], dtype=np.int64), self.past_len[:, None],
+                                         self.past_len.copy())
+            self.past_len += 1
+        return logits[:, -1]
+
+    def _decode(self, tokens: np.ndarray) -> np.ndarray:
+        logits = self.engine.forward(tokens[:, None].astype(np.int64), self.past_len[:, None], self.past_len.copy())
+        self.past_len += 1
+        return logits[:, -1]
+
+    def results(self) -> list[GenerationResult]:
+        return [GenerationResult(s.text, g, s.finish_reason, self.stats) for s, g in zip(self.stoppers, self.generated)]

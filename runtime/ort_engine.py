@@ -1,0 +1,99 @@
+"""ONNX Runtime engine: one session over the ring-buffer graph, caches bound in place.
+
+Every cache tensor is allocated once at load ([max_batch, kv_heads, capacity, head_dim]) and
+bound with IO binding as both the graph input ``past_key_values.*`` and the aliased output
+``present.*``, so TensorScatter writes the new tokens straight into it: ONNX Runtime's
+"in-place optimization not activated, copying past_cache" path is never taken (tests check
+the log and the buffer addresses).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from kvc.errors import ArtifactError
+from kvc.runtime.artifact import Manifest
+from kvc.runtime.engine import check_step_inputs
+
+# ONNX element type name (as ORT reports it) -> numpy storage dtype for host buffers.
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
+              "tensor(uint8)": np.uint8, "tensor(int64)": np.int64}
+
+
+@dataclass(frozen=True)
+class OrtEngineOptions:
+    device: str = "cpu"  # "cpu" | "cuda"
+    max_batch: int = 1
+    intra_op_threads: int = 0  # 0: ONNX Runtime's default (all cores)
+    log_severity: int = 3  # 0 verbose .. 4 fatal; tests lower it to inspect ORT's in-place messages
+
+
+def providers_for(device: str) -> list[str]:
+    available = ort.get_available_providers()
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise ArtifactError("device cuda requested but this onnxruntime has no CUDAExecutionProvider; "
+                                "install onnxruntime-gpu or use --device cpu")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OrtEngine:
+    def __init__(self, root: Path, manifest: Manifest, options: OrtEngineOptions = OrtEngineOptions()):
+        self.options = options
+        self.capacity = manifest.cache.capacity
+        self.max_batch = options.max_batch
+        self.vocab_size = int(manifest.model["vocab_size"])
+        so = ort.SessionOptions()
+        so.log_severity_level = options.log_severity
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if options.intra_op_threads:
+            so.intra_op_num_threads = options.intra_op_threads
+        graph = root / manifest.engine_options["graph"]
+        self.session = ort.InferenceSession(str(graph), so, providers=providers_for(options.device))
+        entry = manifest.entry_points[0]
+        self.aliases = dict(entry.aliases)  # present.* -> past_key_values.*
+        self.cache_inputs = list(self.aliases.values())
+        self.caches = self._allocate_caches()
+
+    def _allocate_caches(self) -> dict[str, np.ndarray]:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        caches = {}
+        for name in self.cache_inputs:
+            meta = inputs[name]
+            dtype = _ORT_TYPES.get(meta.type)
+            if dtype is None:
+                raise ArtifactError(f"cache input {name} has type {meta.type}, which the ORT engine cannot "
+                                    "allocate from Python; recompile with --kv-dtype fp32, fp16 or int8")
+            shape = [self.max_batch] + [int(d) for d in meta.shape[1:]]
+            caches[name] = np.zeros(shape, dtype=dtype)
+        return caches
+
+    def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, past_len: np.ndarray) -> np.ndarray:
+        check_step_inputs(self, input_ids, position_ids, past_len)
+        batch = input_ids.shape[0]
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        binding.bind_cpu_input("past_len", np.ascontiguousarray(past_len, dtype=np.int64))
+        binding.bind_output("logits")  # first output bound -> get_outputs()[0]
+        for out_name, in_name in self.aliases.items():
+            # rows [:batch] of a C-contiguous buffer are contiguous: the OrtValue shares its memory.
+            value = ort.OrtValue.ortvalue_from_numpy(self.caches[in_name][:batch])
+            binding.bind_ortvalue_input(in_name, value)
+            binding.bind_ortvalue_output(out_name, value)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+    def read_slots(self, row: int, length: int) -> list[np.ndarray]:
+        return [self.caches[n][row, :, :length].copy() for n in self.cache_inputs]
+
+    def write_slots(self, row: int, tensors: list[np.ndarray]) -> None:
+        for name, t in zip(self.cache_inputs, tensors):
+            self.caches[name][row, :, : t.shape[1]] = t
+
+    def cache_nbytes(self) -> int:
+        return sum(c.nbytes for c in self.caches.values())
