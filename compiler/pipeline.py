@@ -42,7 +42,7 @@ def compile_model(onnx_path: Path, output: Path, options: CompileOptions, overwr
     reports = run_passes(model, default_passes(pipeline), options.dump_passes, verifier)
     for r in reports:
         progress(_format_report(r))
-    cache = _cache_spec(config, capacity, options.kv_dtype, window)
+    cache = _cache_spec(model)
     with atomic_dir(output, overwrite=overwrite) as staging:
         if options.engine is EngineKind.ORT:
             from kvc.compiler.ort_build import build_ort
@@ -68,11 +68,14 @@ def _format_report(r: PassReport) -> str:
     return "\n  ".join([line] + r.notes)
 
 
-def _cache_spec(config, capacity: int, kv_dtype: str, window: int | None) -> CacheSpec:
-    scales = {"int8": "per-token-head", "fp8": "per-token-head"}.get(kv_dtype, "none")
-    return CacheSpec(layout="ring", capacity=capacity, dtype=kv_dtype, scales=scales,
-                     num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
-                     head_dim=config.resolved_head_dim, sliding_window=window)
+def _cache_spec(model: ir.Model) -> CacheSpec:
+    """The cache as the passes left it (their layout metadata is the single source of truth)."""
+    from kvc.passes.kv_layout import KvCacheLayout
+
+    layout = KvCacheLayout.read_from(model)
+    return CacheSpec(layout="ring", capacity=layout.capacity, dtype=layout.dtype.value, scales=layout.scales.value,
+                     num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
+                     sliding_window=layout.sliding_window)
 
 
 def _read_scales(path: Path | None) -> dict | None:

@@ -17,12 +17,12 @@ class PipelineOptions:
     capacity: int
     kv_dtype: str = "fp32"
     sliding_window: Optional[int] = None
-    fp8_scales: Optional[dict] = None  # {"layers": [[k scales per kv head], ...]} from kvc calibrate
+    fp8_scales: Optional[dict] = None  # {"key": [[per kv head] per layer], "value": ...} from kvc calibrate
 
 
 def default_passes(options: PipelineOptions) -> list[KvcPass]:
     from kvc.passes.fusion_pipeline import FUSION_PASSES
-    from kvc.passes.kv_layout import KvQuantOptions, RingBufferOptions, parse_kv_dtype
+    from kvc.passes.kv_layout import Fp8Scales, KvQuantOptions, RingBufferOptions, parse_kv_dtype
     from kvc.passes.kv_quantize import KvQuantizePass
     from kvc.passes.kv_ring_buffer import KvRingBufferPass
 
@@ -30,7 +30,8 @@ def default_passes(options: PipelineOptions) -> list[KvcPass]:
     passes.append(KvRingBufferPass(RingBufferOptions(capacity=options.capacity,
                                                      sliding_window=options.sliding_window)))
     dtype = parse_kv_dtype(options.kv_dtype)
-    passes.append(KvQuantizePass(KvQuantOptions(dtype=dtype, fp8_scales=options.fp8_scales)))
+    scales = Fp8Scales.from_dict(options.fp8_scales) if options.fp8_scales is not None else None
+    passes.append(KvQuantizePass(KvQuantOptions(dtype=dtype, fp8_scales=scales)))
     return passes
 
 

@@ -13,14 +13,20 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnx import TensorProto
 
 from kvc.errors import ArtifactError
 from kvc.runtime.artifact import Manifest
 from kvc.runtime.engine import check_step_inputs
 
-# ONNX element type name (as ORT reports it) -> numpy storage dtype for host buffers.
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
-              "tensor(uint8)": np.uint8, "tensor(int64)": np.int64}
+# ONNX element type (as ORT names it) -> (numpy storage dtype of the host buffer, ONNX type id).
+# bfloat16 and float8 have no numpy dtype: their bytes live in uint16/uint8 buffers that ORT reads
+# with the right type (ortvalue_from_numpy_with_onnx_type shares the memory, no copy).
+_CACHE_TYPES = {"tensor(float)": (np.float32, TensorProto.FLOAT),
+                "tensor(float16)": (np.float16, TensorProto.FLOAT16),
+                "tensor(bfloat16)": (np.uint16, TensorProto.BFLOAT16),
+                "tensor(int8)": (np.int8, TensorProto.INT8),
+                "tensor(float8e4m3fn)": (np.uint8, TensorProto.FLOAT8E4M3FN)}
 
 
 @dataclass(frozen=True)
@@ -62,14 +68,16 @@ class OrtEngine:
     def _allocate_caches(self) -> dict[str, np.ndarray]:
         inputs = {i.name: i for i in self.session.get_inputs()}
         caches = {}
+        self._onnx_types = {}
         for name in self.cache_inputs:
             meta = inputs[name]
-            dtype = _ORT_TYPES.get(meta.type)
-            if dtype is None:
-                raise ArtifactError(f"cache input {name} has type {meta.type}, which the ORT engine cannot "
-                                    "allocate from Python; recompile with --kv-dtype fp32, fp16 or int8")
+            if meta.type not in _CACHE_TYPES:
+                raise ArtifactError(f"cache input {name} has type {meta.type}, which the ORT engine does not "
+                                    "support; recompile with another --kv-dtype")
+            storage, onnx_type = _CACHE_TYPES[meta.type]
             shape = [self.max_batch] + [int(d) for d in meta.shape[1:]]
-            caches[name] = np.zeros(shape, dtype=dtype)
+            caches[name] = np.zeros(shape, dtype=storage)  # zero bytes are 0.0 in every cache dtype
+            self._onnx_types[name] = onnx_type
         return caches
 
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, past_len: np.ndarray) -> np.ndarray:
@@ -82,7 +90,8 @@ class OrtEngine:
         binding.bind_output("logits")  # first output bound -> get_outputs()[0]
         for out_name, in_name in self.aliases.items():
             # rows [:batch] of a C-contiguous buffer are contiguous: the OrtValue shares its memory.
-            value = ort.OrtValue.ortvalue_from_numpy(self.caches[in_name][:batch])
+            value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(self.caches[in_name][:batch],
+                                                                    self._onnx_types[in_name])
             binding.bind_ortvalue_input(in_name, value)
             binding.bind_ortvalue_output(out_name, value)
         self.session.run_with_iobinding(binding)

@@ -65,3 +65,46 @@ def exported(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def compiled(exported, tmp_path_factory):
+    """Factory: (preset, kv_dtype, capacity, engine) -> artifact directory built with the ORT engine
+    (or TVM); cached per session."""
+    cache: dict[tuple, Path] = {}
+
+    def make(preset: str = "tiny", kv_dtype: str = "fp32", capacity: int = 64, engine: str = "ort"):
+        key = (preset, kv_dtype, capacity, engine)
+        if key not in cache:
+            from kvc.compiler.options import CompileOptions, EngineKind
+            from kvc.compiler.pipeline import compile_model
+
+            _, _, onnx_path = exported(preset)
+            out = tmp_path_factory.mktemp("artifact") / f"{preset}-{kv_dtype}-{capacity}-{engine}.kvc"
+            compile_model(onnx_path, out, CompileOptions(engine=EngineKind(engine), max_seq_len=capacity,
+                                                         kv_dtype=kv_dtype), progress=lambda *_: None)
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
+def torch_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    """Reference greedy decoding with the torch model and its explicit concat KV cache."""
+    import torch
+
+    from kvc.models import empty_past
+
+    config = model.config
+    past = empty_past(config, 1)
+    ids = torch.tensor([prompt])
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            total = past[0][0].shape[2] + ids.shape[1]
+            pos = torch.arange(total - ids.shape[1], total)[None]
+            logits, past = model(ids, torch.ones(1, total, dtype=torch.long), pos, past)
+            nxt = int(logits[0, -1].argmax())
+            out.append(nxt)
+            ids = torch.tensor([[nxt]])
+    return out
