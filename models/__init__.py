@@ -1,9 +1,12 @@
 """Own compact torch definitions of decoder-only families, their loaders and ONNX export."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from kvc.models.config import Family, ModelConfig, RopeScaling, RopeScalingKind
+
+if TYPE_CHECKING:  # torch is imported lazily: `kvc plan` and config-only users never load it
+    import torch
 
 __all__ = ["Family", "ModelConfig", "RopeScaling", "RopeScalingKind", "build_model", "random_model",
            "empty_past"]
@@ -22,6 +25,8 @@ def build_model(config: ModelConfig) -> torch.nn.Module:
 
 def random_model(config: ModelConfig, seed: int = 0, std: float = 0.02) -> torch.nn.Module:
     """A model with seeded normal(0, std) weights and unit norm scales: same seed, same weights."""
+    import torch
+
     model = build_model(config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -33,7 +38,10 @@ def random_model(config: ModelConfig, seed: int = 0, std: float = 0.02) -> torch
     return model.eval()
 
 
-def empty_past(config: ModelConfig, batch: int, dtype: torch.dtype = torch.float32,
+def empty_past(config: ModelConfig, batch: int, dtype: "torch.dtype | None" = None,
                length: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    import torch
+
+    dtype = dtype or torch.float32
     shape = (batch, config.num_kv_heads, length, config.resolved_head_dim)
     return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(config.num_layers)]

@@ -25,7 +25,7 @@ class CacheSpec:
     layout: str  # "ring": fixed-capacity in-place ring buffer
     capacity: int
     dtype: str  # fp32 | fp16 | bf16 | int8 | fp8
-    scales: str  # "none" | "per-token-head" | "static-per-head"
+    scales: str  # passes.kv_layout.ScaleKind value: "none" | "per_token" | "static_per_head"
     num_layers: int
     num_kv_heads: int
     head_dim: int
