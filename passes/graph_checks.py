@@ -20,9 +20,10 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx.external_data_helper import ExternalDataInfo
+from onnx_ir.passes.common import ShapeInferencePass
 
 from kvc.errors import GraphError
-from kvc.passes.kv_layout import KINDS, PAST_RE, PRESENT_RE, past_name, present_name
+from kvc.passes.kv_layout import PAST_RE, PRESENT_RE, past_name, present_name
 
 MAX_HEAD_DIM = 256  # widest head the attention kernels (TVM tiles, ORT flash paths) are planned for
 ATTENTION_OP = ("", "Attention")
@@ -145,7 +146,7 @@ def _static_dim(value: ir.Value, axis: int) -> int | None:
     return shape[axis]
 
 
-def check_fused_layer(io: KvLayerIO) -> FusedLayer:
+def check_fused_layer(io: KvLayerIO, query_heads: int | None) -> FusedLayer:
     node = find_fused_attention(io)
     where = f"layer {io.layer}"
     if node.attributes.get("q_num_heads") is not None or _rank(node.inputs[1]) not in (None, 4):
@@ -157,9 +158,20 @@ def check_fused_layer(io: KvLayerIO) -> FusedLayer:
     if kv_heads is None:
         raise GraphError(f"{where}: {io.past_key.name} has no fixed kv-head count (dim 1); re-export with static heads")
     check_head_dim(head_dim, where)
-    heads = _static_dim(node.inputs[0], 1)
-    check_head_counts(heads, kv_heads, where)
-    return FusedLayer(io, node, heads, kv_heads, head_dim)
+    check_head_counts(query_heads, kv_heads, where)
+    return FusedLayer(io, node, query_heads, kv_heads, head_dim)
+
+
+def query_heads(model: ir.Model, layers: list[KvLayerIO]) -> list[int | None]:
+    """Query heads per layer from Q's shape; when the graph does not say, from ONNX shape inference
+    on a clone (tensors shared, so it is cheap and the model itself stays untouched)."""
+    heads = [_static_dim(find_fused_attention(io).inputs[0], 1) for io in layers]
+    if None not in heads:
+        return heads
+    clone = model.clone()
+    ShapeInferencePass()(clone)
+    by_name = {v.name: v for v in clone.graph.inputs}
+    return [_static_dim(next(iter(by_name[io.past_key.name].uses()))[0].inputs[0], 1) for io in layers]
 
 
 def _rank(value: ir.Value | None) -> int | None:
@@ -168,7 +180,8 @@ def _rank(value: ir.Value | None) -> int | None:
 
 def check_ring_input(model: ir.Model) -> list[FusedLayer]:
     """All checks the ring-buffer pass needs before it touches the graph."""
-    layers = [check_fused_layer(io) for io in find_kv_layers(model.graph)]
+    kv_layers = find_kv_layers(model.graph)
+    layers = [check_fused_layer(io, heads) for io, heads in zip(kv_layers, query_heads(model, kv_layers))]
     kinds = {(f.num_kv_heads, f.head_dim) for f in layers}
     if len(kinds) > 1:
         raise GraphError(f"layers disagree on (kv_heads, head_dim): {sorted(kinds)}; one cache layout per model")

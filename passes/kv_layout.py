@@ -9,7 +9,8 @@ inputs
                                       never capped at the capacity)
   past_key_values.{i}.key / .value              [batch, kv_heads, C, head_dim]  cache dtype
   past_key_values.{i}.key_scale / .value_scale  [batch, kv_heads, C, 1] float32 (int8 and
-                                      dynamic fp8 only: one scale per token per kv head)
+                                      dynamic fp8 only: one scale per token per kv head; static fp8
+                                      scales are constants inside the graph)
 outputs
   logits         [batch, seq, vocab]
   present.{i}.key / .value (/ .key_scale / .value_scale): the updated caches, same shape and dtype
@@ -23,6 +24,12 @@ Update and read, per layer:
   with t mod C == c; query i (storage index past_len+i) sees slot c iff t(c) >= 0,
   t(c) <= past_len+i and past_len+i - t(c) < min(C, sliding_window). Once the ring wraps this is
   sliding-window attention of width C.
+
+One call may write at most C tokens per sequence: with seq > C a query's own key is overwritten
+within the call and its row of the mask is empty (meaningless output), so prefill longer prompts in
+chunks of at most C tokens. After a wrap, query i of a chunk sees the slots still holding tokens
+in [past_len + seq - C, past_len + i]: the full window for single-token decode, narrower for the
+early queries of a multi-token chunk (tokens of this very chunk have overwritten them).
 
 Batches with different lengths: every sequence has its own past_len. In prefill, shorter prompts are
 right-padded to seq; their padding tokens are written to the ring but no real query of that

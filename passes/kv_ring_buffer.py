@@ -1,0 +1,277 @@
+"""KV ring-buffer rewrite: concat-form past/present caches -> fixed-capacity in-place rings.
+
+Input: a decoder whose attention is fused, per layer, into
+  Attention(Q_BHSD, K_BKSD, V_BKSD, attn_mask, past_key_BKPD, past_value_BKPD) -> (Y, present_key, present_value)
+with the mask computed in-graph from ``attention_mask`` [B, P+S].
+Output (the contract in kvc.passes.kv_layout), per layer:
+  present_key_BKCD = TensorScatter(past_key_BKCD, K_BKSD, past_len mod C, mode="circular", axis=2)
+  Y = Attention(Q_BHSD, present_key_BKCD, present_value_BKCD, ring_mask_B1SC, nonpad_kv_seqlen=min(past_len+S, C))
+The ring mask, the write index and nonpad_kv_seqlen are built once from ``past_len`` and shared by
+all layers; the old ``attention_mask`` input and its mask subgraph are removed as dead code.
+
+Legend: B batch, H query heads, K kv heads, S new tokens, P past tokens, C capacity, D head size.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from kvc.errors import GraphError
+from kvc.passes.base import KvcPass, PassReport
+from kvc.passes.graph_checks import FusedLayer, check_ring_input
+from kvc.passes.kv_layout import (
+    ATTENTION_MASK,
+    BATCH_DIM,
+    LAYOUT_KEY,
+    MODEL_CONFIG_KEY,
+    PAST_LEN,
+    POSITION_IDS,
+    KvCacheLayout,
+    RingBufferOptions,
+)
+
+RING_OPSET = 24  # TensorScatter and Attention's nonpad_kv_seqlen
+DROPPED_ATTENTION_ATTRS = ("is_causal",)  # causality now lives in the ring mask
+
+__all__ = ["KvRingBufferPass", "RingBufferOptions", "resolve_sliding_window"]
+
+
+@dataclass(frozen=True)
+class RingSignals:
+    """Per-step values every layer shares."""
+
+    write_index_B: ir.Value  # past_len mod C
+    kv_len_B: ir.Value  # min(past_len + S, C) -> nonpad_kv_seqlen
+    mask_B1SC: ir.Value  # additive (or boolean) visibility of each slot for each query
+
+
+class KvRingBufferPass(KvcPass):
+    name = "kv_ring_buffer"
+    changes_io = True
+
+    def __init__(self, options: RingBufferOptions):
+        super().__init__()
+        self.options = options
+
+    def apply(self, model: ir.Model) -> PassReport:
+        layers, window, source = _preconditions(model, self.options)  # the graph is untouched until here
+        capacity = self.options.capacity
+        _rewrite(model, layers, capacity, window)
+        KvCacheLayout(num_layers=len(layers), num_kv_heads=layers[0].num_kv_heads, head_dim=layers[0].head_dim,
+                      capacity=capacity, sliding_window=window).write_to(model)
+        report = PassReport(self.name, matched=len(layers))
+        report.notes.append(f"capacity {capacity}; sliding window {window} ({source})")
+        if window is None or window > capacity:
+            report.notes.append(f"wrap-around past {capacity} tokens is sliding-window attention of width "
+                                f"{capacity}: exact only for models trained with such a window")
+        return report
+
+
+def _preconditions(model: ir.Model, options: RingBufferOptions) -> tuple[list[FusedLayer], int | None, str]:
+    """Everything that can refuse the graph, checked before anything is changed."""
+    if LAYOUT_KEY in model.metadata_props:
+        raise GraphError("this graph already has a ring-buffer KV cache (kvc.kv_layout metadata); "
+                         "run the ring-buffer pass once, on the concat-form graph")
+    layers = check_ring_input(model)
+    window, source = resolve_sliding_window(model, options)
+    _check_attention_mask_only_feeds_masks(model.graph, layers)
+    return layers, window, source
+
+
+def _rewrite(model: ir.Model, layers: list[FusedLayer], capacity: int, window: int | None) -> None:
+    _upgrade_opset(model)
+    past_len = _add_past_len_input(model.graph, layers[0].io.past_key.shape[0])
+    signals = _build_ring_signals(model.graph, layers, past_len, capacity, window)
+    for layer in layers:
+        _rewrite_layer(model.graph, layer, signals, capacity)
+    common_passes.RemoveUnusedNodesPass()(model)  # the concat-form mask subgraph
+    _drop_attention_mask_input(model.graph)
+    model.graph.sort()
+
+
+# --- options and preconditions --------------------------------------------------------------
+
+def resolve_sliding_window(model: ir.Model, options: RingBufferOptions) -> tuple[int | None, str]:
+    """The model's own attention window and where it came from (metadata wins; options if absent)."""
+    text = model.metadata_props.get(MODEL_CONFIG_KEY)
+    if text is None:
+        if options.sliding_window is None:
+            return None, "no kvc.model_config metadata and no sliding_window option: full attention assumed"
+        return options.sliding_window, "from the sliding_window option"
+    try:
+        window = json.loads(text).get("sliding_window")
+    except (json.JSONDecodeError, AttributeError):
+        raise GraphError(f"metadata {MODEL_CONFIG_KEY} is not a JSON object; re-export the model") from None
+    if options.sliding_window is not None and options.sliding_window != window:
+        raise GraphError(f"sliding_window option {options.sliding_window} contradicts the model's own "
+                         f"{window} ({MODEL_CONFIG_KEY} metadata); drop the option")
+    return window, f"from {MODEL_CONFIG_KEY} metadata"
+
+
+def _check_attention_mask_only_feeds_masks(graph: ir.Graph, layers: list[FusedLayer]) -> None:
+    """attention_mask must become dead once the Attention masks are replaced; else refuse now."""
+    mask_input = _graph_input(graph, ATTENTION_MASK)
+    if mask_input is None:
+        return
+    cut = {id(f.attention) for f in layers}
+    seen: set[int] = set()
+    stack = [v.producer() for v in graph.outputs if v.producer() is not None]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        inputs = node.inputs[:3] if id(node) in cut else node.inputs  # skip the old mask and pasts
+        for value in inputs:
+            if value is mask_input:
+                raise GraphError(f"{ATTENTION_MASK} is used by {node.op_type} node {node.name!r} besides the "
+                                 "attention mask; the ring graph has no attention_mask input: compute position_ids "
+                                 "outside the graph (kvc export does) and re-export")
+            if value is not None and value.producer() is not None:
+                stack.append(value.producer())
+
+
+def _graph_input(graph: ir.Graph, name: str) -> ir.Value | None:
+    return next((v for v in graph.inputs if v.name == name), None)
+
+
+def _upgrade_opset(model: ir.Model) -> None:
+    if model.opset_imports.get("", 0) < RING_OPSET:
+        from onnxscript.version_converter import convert_version
+
+        convert_version(model, RING_OPSET)
+    model.graph.opset_imports[""] = max(model.graph.opset_imports.get("", 0), RING_OPSET)
+    model.ir_version = max(model.ir_version, 10)
+
+
+# --- graph construction ---------------------------------------------------------------------
+
+def _add_past_len_input(graph: ir.Graph, batch_dim) -> ir.Value:
+    past_len = ir.val(PAST_LEN, ir.DataType.INT64, [batch_dim if batch_dim is not None else BATCH_DIM])
+    names = [v.name for v in graph.inputs]
+    at = names.index(POSITION_IDS) + 1 if POSITION_IDS in names else len(names)
+    graph.inputs.insert(at, past_len)
+    return past_len
+
+
+def _build_ring_signals(graph: ir.Graph, layers: list[FusedLayer], past_len_B: ir.Value, capacity: int,
+                        window: int | None) -> RingSignals:
+    tape = ir.tape.Tape(graph)
+    const = _constant_maker(tape)
+    C = const("capacity", np.array(capacity, np.int64))
+    seq_1 = tape.op("Shape", [layers[0].attention.inputs[1]], {"start": 2, "end": 3})  # S from the new keys
+    write_index_B = tape.op("Mod", [past_len_B, C])
+    kv_len_B = tape.op("Min", [tape.op("Add", [past_len_B, seq_1]), C])
+    visible_BSC = _slot_visibility(tape, const, past_len_B, seq_1, capacity, window)
+    axis1 = const("axis1", np.array([1], np.int64))
+    mask_B1SC = tape.op("Unsqueeze", [_mask_values(tape, const, visible_BSC, _mask_dtype(layers[0])), axis1])
+    return RingSignals(write_index_B, kv_len_B, mask_B1SC)
+
+
+def _slot_visibility(tape: ir.tape.Tape, const, past_len_B: ir.Value, seq_1: ir.Value, capacity: int,
+                     window: int | None) -> ir.Value:
+    """[B, S, C] bool: query i (storage index past_len+i) may see slot c (see kv_layout's docstring)."""
+    C = const("capacity", np.array(capacity, np.int64))
+    one, zero = const("one", np.array(1, np.int64)), const("zero", np.array(0, np.int64))
+    axis0, axis2 = const("axis0", np.array([0], np.int64)), const("axis2", np.array([2], np.int64))
+    axis1 = const("axis1", np.array([1], np.int64))
+    # Slot c holds storage index t(c) = the latest t < past_len+S with t mod C == c (negative: never written).
+    last_B1 = tape.op("Sub", [tape.op("Unsqueeze", [tape.op("Add", [past_len_B, seq_1]), axis1]), one])
+    slots_C = const("slots", np.arange(capacity, dtype=np.int64))
+    held_BC = tape.op("Sub", [last_B1, tape.op("Mod", [tape.op("Sub", [last_B1, slots_C]), C])])
+    steps_S = tape.op("Range", [zero, tape.op("Squeeze", [seq_1, axis0]), one])
+    query_BS = tape.op("Add", [tape.op("Unsqueeze", [past_len_B, axis1]), steps_S])
+
+    held_B1C = tape.op("Unsqueeze", [held_BC, axis1])
+    distance_BSC = tape.op("Sub", [tape.op("Unsqueeze", [query_BS, axis2]), held_B1C])
+    visible_BSC = tape.op("And", [tape.op("GreaterOrEqual", [held_B1C, zero]),
+                                  tape.op("GreaterOrEqual", [distance_BSC, zero])])
+    if window is not None and window < capacity:  # wider windows are implied by the capacity
+        inside = tape.op("Less", [distance_BSC, const("window", np.array(window, np.int64))])
+        visible_BSC = tape.op("And", [visible_BSC, inside])
+    return visible_BSC
+
+
+def _constant_maker(tape: ir.tape.Tape):
+    """Named initializers, created once per name."""
+    made: dict[str, ir.Value] = {}
+
+    def const(name: str, array: np.ndarray) -> ir.Value:
+        if name not in made:
+            made[name] = tape.initializer(ir.tensor(array, name=f"kvc_ring.{name}"))
+        return made[name]
+    return const
+
+
+def _mask_dtype(layer: FusedLayer) -> ir.DataType:
+    """Keep the original mask's kind (bool or additive float); float masks use the cache's dtype."""
+    old_mask = layer.attention.inputs[3] if len(layer.attention.inputs) > 3 else None
+    if old_mask is not None and old_mask.dtype == ir.DataType.BOOL:
+        return ir.DataType.BOOL
+    return layer.io.past_key.dtype or ir.DataType.FLOAT
+
+
+def _mask_values(tape: ir.tape.Tape, const, visible: ir.Value, dtype: ir.DataType) -> ir.Value:
+    if dtype == ir.DataType.BOOL:
+        return visible
+    np_dtype = ml_dtypes.bfloat16 if dtype == ir.DataType.BFLOAT16 else dtype.numpy()
+    # Lowest finite value rather than -inf: a fully masked row then stays finite (as in kvc's torch mask).
+    lowest = const(f"mask_lowest_{dtype.name.lower()}", np.array(ml_dtypes.finfo(np_dtype).min, np_dtype))
+    zero = const(f"mask_zero_{dtype.name.lower()}", np.array(0, np_dtype))
+    return tape.op("Where", [visible, zero, lowest])
+
+
+def _rewrite_layer(graph: ir.Graph, layer: FusedLayer, signals: RingSignals, capacity: int) -> None:
+    old = layer.attention
+    caches = [_scatter_into_ring(graph, layer, past, new_kv, signals, capacity)
+              for past, new_kv in ((layer.io.past_key, old.inputs[1]), (layer.io.past_value, old.inputs[2]))]
+    new = ir.Node("", "Attention", [old.inputs[0], caches[0], caches[1], signals.mask_B1SC, None, None,
+                                    signals.kv_len_B],
+                  attributes=[a for name, a in old.attributes.items() if name not in DROPPED_ATTENTION_ATTRS],
+                  num_outputs=1, name=f"{old.name or 'attention'}_ring")
+    graph.append(new)
+    y = old.outputs[0]
+    _copy_type(new.outputs[0], y)
+    y.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
+
+    presents = (layer.io.present_key, layer.io.present_value)
+    for updated, present in zip(caches, presents):
+        graph.outputs[list(graph.outputs).index(present)] = updated
+    y_name = y.name
+    graph.remove(old, safe=True)
+    new.outputs[0].name = y_name
+    for updated, present in zip(caches, presents):
+        name, present.name = present.name, None
+        updated.name = name
+
+
+def _scatter_into_ring(graph: ir.Graph, layer: FusedLayer, past: ir.Value, new_kv: ir.Value, signals: RingSignals,
+                       capacity: int) -> ir.Value:
+    """past becomes a [B, K, C, D] ring; returns TensorScatter's updated ring (the new present output)."""
+    past.shape = ir.Shape([past.shape[0], layer.num_kv_heads, capacity, layer.head_dim])
+    updated = ir.tape.Tape(graph).op("TensorScatter", [past, new_kv, signals.write_index_B],
+                                     {"mode": "circular", "axis": 2})
+    _copy_type(updated, past)
+    return updated
+
+
+def _copy_type(target: ir.Value, source: ir.Value) -> None:
+    """Shape and dtype, without sharing the type object (the quantize pass retypes caches one by one)."""
+    target.shape = source.shape
+    if source.dtype is not None:
+        target.type = ir.TensorType(source.dtype)
+
+
+def _drop_attention_mask_input(graph: ir.Graph) -> None:
+    mask_input = _graph_input(graph, ATTENTION_MASK)
+    if mask_input is None:
+        return
+    if mask_input.uses():  # unreachable after the precondition check; guard all the same
+        users = sorted({n.op_type for n, _ in mask_input.uses()})
+        raise GraphError(f"{ATTENTION_MASK} is still used by {users} after the rewrite; report this graph")
+    graph.inputs.remove(mask_input)
