@@ -44,6 +44,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: Optional[RopeScaling] = None
     attention_bias: bool = False  # q/k/v projection bias (Qwen2; always on for GPT-2)
+    o_proj_bias: bool = False  # HF Llama with attention_bias=True also biases o_proj (Qwen2 does not)
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     sliding_window: Optional[int] = None  # Mistral-style window, in tokens
@@ -91,7 +92,7 @@ class ModelConfig:
             emb = self.vocab_size * h + self.max_position_embeddings * h
             final = 2 * h
         else:
-            attn += (q + 2 * kv) if self.attention_bias else 0
+            attn += ((q + 2 * kv) if self.attention_bias else 0) + (h if self.o_proj_bias else 0)
             mlp = 3 * h * self.intermediate_size
             norms = 2 * h
             emb = self.vocab_size * h

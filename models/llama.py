@@ -22,7 +22,7 @@ class LlamaAttention(nn.Module):
         self.q_proj = nn.Linear(c.hidden_size, c.num_heads * d, bias=c.attention_bias)
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * d, bias=c.attention_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * d, bias=c.attention_bias)
-        self.o_proj = nn.Linear(c.num_heads * d, c.hidden_size, bias=False)
+        self.o_proj = nn.Linear(c.num_heads * d, c.hidden_size, bias=c.o_proj_bias)
 
     def forward(self, x_BSE: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, past: KV) -> tuple[Tensor, KV]:
         b, s, _ = x_BSE.shape

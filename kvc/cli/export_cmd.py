@@ -39,7 +39,7 @@ def export(source: str, output: Path, tokenizer_path: str | None, seed: int, ext
         if loaded.tokenizer is not None:
             from kvc.models.tokenizer import save_tokenizer
 
-            save_tokenizer(loaded.tokenizer, staging, loaded.generation)
+            save_tokenizer(loaded.tokenizer, staging, loaded.generation, chat_template=loaded.chat_template)
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True))
     click.echo(f"wrote {output} ({loaded.config.name or loaded.config.family.value}, "
                f"{loaded.config.num_parameters() / 1e6:.1f}M parameters, {loaded.config.num_layers} layers)")
