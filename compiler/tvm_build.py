@@ -1,0 +1,186 @@
+"""The TVM engine's build: ring-buffer ONNX -> Relax (prefill + decode sharing one weight set)
+-> lib/<target>.so + params.safetensors.
+
+Entry functions (all tensors on the device; caches updated in place and returned):
+  prefill(input_ids [b, seq], position_ids [b, seq], past_len [b], caches..., weights...)
+  decode (input_ids [b, 1],   position_ids [b, 1],   past_len [b], caches..., weights...)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import tvm
+from tvm import relax
+
+from kvc.compiler.options import CompileOptions, Device
+from kvc.compiler.ort_build import in_place_aliases
+from kvc.errors import KvcError
+from kvc.runtime.artifact import EntryPoint
+
+LIB_DIR = "lib"
+PARAMS = "params.safetensors"
+ENTRY_NAMES = ("prefill", "decode")
+
+
+def tvm_target(device: Device) -> tvm.target.Target:
+    if device is Device.CUDA:
+        return tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+    return tvm.target.Target({"kind": "llvm"})
+
+
+DECODE_SHAPES = ("input_ids", "position_ids")  # [batch, seq] inputs fixed to seq = 1 in decode
+
+
+def import_entry_points(model: ir.Model) -> tuple[tvm.IRModule, dict[str, list[str]], dict[str, np.ndarray]]:
+    """Relax module with `prefill` (symbolic seq) and `decode` (seq = 1, so GEMV schedules apply);
+    each entry's weight parameter names (shared weights appear in both) and all weight values."""
+    from kvc.passes.reshape_to_static import ReshapeToStaticPass
+
+    ReshapeToStaticPass()(model)  # TVM's importer needs reshape targets without shape arithmetic
+    _scatter_in_cache_dtype(model)
+    prefill_mod = _import(ir.to_proto(model))
+    decode_mod = _import(ir.to_proto(_specialize_seq_1(model)))
+    weights: dict[str, np.ndarray] = {}
+    entry_params = {"prefill": _take_weights(prefill_mod["main"], weights),
+                    "decode": _take_weights(decode_mod["main"], weights)}
+    bb = relax.BlockBuilder(tvm.IRModule({gv: f for gv, f in prefill_mod.functions.items()
+                                          if gv.name_hint != "main"}))
+    bb.add_func(prefill_mod["main"].without_attr("params").with_attr("global_symbol", "prefill"), "prefill")
+    # decode's kernels join the module (identical ones are shared); its calls are re-pointed.
+    renamed = {gv: bb.add_func(func, "decode_" + gv.name_hint)
+               for gv, func in decode_mod.functions.items() if gv.name_hint != "main"}
+    decode = _rename_global_vars(decode_mod["main"], renamed)
+    bb.add_func(decode.without_attr("params").with_attr("global_symbol", "decode"), "decode")
+    return bb.get(), entry_params, weights
+
+
+def _scatter_in_cache_dtype(model: ir.Model) -> None:
+    """Undo the ORT-only fp8 detour present = Cast(TensorScatter(Cast(past, fp16), update16), fp8)
+    (ORT's CPU TensorScatter has no float8 kernel): TVM scatters the fp8 bytes in place directly.
+    Casting the update back is exact: it holds fp8 values widened to fp16."""
+    for node in list(model.graph):
+        if node.op_type != "TensorScatter":
+            continue
+        widen = node.inputs[0].producer()
+        users = list(node.outputs[0].uses())
+        if widen is None or widen.op_type != "Cast" or widen.inputs[0] not in model.graph.inputs \
+                or len(users) != 1 or users[0].node.op_type != "Cast":
+            continue
+        narrow = users[0].node
+        past, present = widen.inputs[0], narrow.outputs[0]
+        cast_update = ir.node("Cast", [node.inputs[1]], attributes={"to": past.dtype})
+        scatter = ir.node("TensorScatter", [past, cast_update.outputs[0], node.inputs[2]],
+                          attributes={k: a for k, a in node.attributes.items()})
+        model.graph.insert_before(node, [cast_update, scatter])
+        present.replace_all_uses_with(scatter.outputs[0], replace_graph_outputs=True)
+        scatter.outputs[0].name, scatter.outputs[0].shape, scatter.outputs[0].type = \
+            present.name, present.shape, present.type
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    RemoveUnusedNodesPass()(model)
+
+
+def _take_weights(func: relax.Function, weights: dict[str, np.ndarray]) -> list[str]:
+    """Record the function's trailing weight parameters in ``weights``; return their names."""
+    values = func.attrs["params"]
+    weight_vars = func.params[len(func.params) - len(values):]
+    for value, var in zip(values, weight_vars):
+        # Stored values can differ in rank from the declared parameter (0-d scalars come back as [1]).
+        array = value.numpy().reshape([int(d) for d in var.ty.shape])
+        if var.name in weights and not np.array_equal(weights[var.name], array):
+            raise KvcError(f"TVM import: weight {var.name} differs between prefill and decode")
+        weights[var.name] = array
+    return [v.name for v in weight_vars]
+
+
+def _specialize_seq_1(model: ir.Model) -> ir.Model:
+    """A copy of the graph for one new token per call, with the shape arithmetic that seq = 1
+    makes constant folded away (e.g. the query offsets Range(0, seq) of the ring mask)."""
+    import onnxscript.optimizer
+
+    decode = ir.from_proto(ir.to_proto(model))
+    for value in decode.graph.inputs:
+        if value.name in DECODE_SHAPES:
+            value.shape = ir.Shape([value.shape[0], 1])
+    onnxscript.optimizer.optimize(decode, num_iterations=2)
+    return decode
+
+
+def _import(proto) -> tvm.IRModule:
+    from kvc.compiler.tvm import onnx_import
+    from kvc.compiler.tvm_inplace import InPlaceTensorScatter
+
+    graph = proto.graph
+    converters = dict(onnx_import._standard_domain_converters(graph))
+    converters["TensorScatter"] = InPlaceTensorScatter
+    importer = onnx_import.KvcGraphImporter(converters, onnx_import._input_shapes(graph, {}),
+                                            keep_params_in_input=True)
+    return importer.from_onnx(graph, onnx_import._default_opset(proto))
+
+
+def _rename_global_vars(func: relax.Function, mapping: dict) -> relax.Function:
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class Rename(PyExprMutator):
+        def visit_global_var_(self, op):  # noqa: N802 - TVM's visitor naming
+            return mapping.get(op, op)
+
+    return Rename().visit_expr(func)
+
+
+def relax_pipeline(target: tvm.target.Target):
+    """On CUDA, TVM's default pipeline (it applies dlight's GPU schedules). On llvm, TVM's default
+    build steps with dlight's CPU GEMV/reduction schedules after legalization (the decode step's
+    hot loops). No operator fusion: FuseOps loses the definition of the data-dependent query
+    length in prefill (TVM 0.27 then fails in VMShapeLower)."""
+    if target.kind.name != "llvm":
+        return relax.get_default_pipeline(target)
+    from tvm.relax import backend, transform
+    from tvm.s_tir import dlight as dl
+
+    @tvm.transform.module_pass(opt_level=0)
+    def pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:
+            return tvm.transform.Sequential([
+                backend.DispatchSampling(), backend.DispatchSortScan(), transform.LegalizeOps(),
+                dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction()),
+                transform.RewriteDataflowReshape(), transform.ToNonDataflow(), transform.RemovePurityChecking(),
+                transform.CallTIRRewrite(), transform.StaticPlanBlockMemory(), transform.LowerAllocTensor(),
+                transform.KillAfterLastUse(), transform.LowerRuntimeBuiltin(), transform.ComputePrimValue(),
+                transform.VMShapeLower(), transform.AttachGlobalSymbol(),
+            ])(mod)
+
+    return pipeline
+
+
+def build_tvm(model: ir.Model, staging: Path, options: CompileOptions, progress=print) -> tuple[list[EntryPoint], dict]:
+    from safetensors.numpy import save_file
+
+    aliases = in_place_aliases(model)
+    target = tvm_target(options.device)
+    if options.device is Device.CUDA and not tvm.runtime.enabled("cuda"):
+        raise KvcError("this TVM build has no CUDA code generator; use --target cpu or a CUDA-enabled TVM")
+    mod, entry_params, weights = import_entry_points(model)
+    if options.tune_trials > 0 or options.tuning_db is not None:
+        from kvc.compiler.tvm_tune import apply_tuning
+
+        mod = apply_tuning(mod, target, options, staging / "tuning", progress)
+    progress(f"tvm: building prefill/decode for {target.kind.name}")
+    executable = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
+    (staging / LIB_DIR).mkdir()
+    lib_name = f"{LIB_DIR}/{target.kind.name}.so"
+    executable.export_library(str(staging / lib_name))
+    # copy(order="C"), not ascontiguousarray: the latter turns 0-d scalars into [1]
+    save_file({name: value.copy(order="C") for name, value in weights.items()}, str(staging / PARAMS))
+    inputs = {v.name: _shape(v) for v in model.graph.inputs}
+    outputs = {v.name: _shape(v) for v in model.graph.outputs}
+    entries = [EntryPoint(name=n, inputs=inputs, outputs=outputs, aliases=aliases) for n in ENTRY_NAMES]
+    return entries, {"lib": lib_name, "params": PARAMS, "target": target.kind.name, "entry_params": entry_params,
+                     "cache_inputs": [v.name for v in model.graph.inputs if v.name.startswith("past_key_values.")]}
+
+
+def _shape(value: ir.Value) -> list:
+    return [] if value.shape is None else [d if isinstance(d, int) else str(d) for d in value.shape]
