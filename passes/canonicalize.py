@@ -1,0 +1,153 @@
+"""Bring any exporter's graph into the form the fusion patterns expect.
+
+1. upgrade the default opset to 23 (Attention, RotaryEmbedding, RMSNormalization exist from 23);
+2. inline functions, then onnxscript's constant folding and no-op / cleanup rewrite rules
+   (Identity, no-op Cast / Expand / Transpose / Slice, Cast-Cast, Transpose-Transpose,
+   Reshape-Reshape, x+0, x*1, Dropout), dead code, constants lifted to initializers, CSE.
+   That is onnxscript's ``optimize_ir`` minus its rules for convolutions and clips and minus
+   SlicesSplit, whose multi-output pattern matching is quadratic in the node count (70 s on a
+   24-layer model);
+3. onnx shape inference with data propagation, so Reshape outputs get head counts and sizes;
+4. fold ``Gather(Shape(x), i)`` where dimension i of x is a known integer (the folder only
+   folds whole static shapes; exporters compute head_dim / 2 this way), then fold again.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxscript.optimizer
+from onnx_ir.passes import PassManager
+from onnx_ir.passes.common import (CommonSubexpressionEliminationPass, IdentityEliminationPass, InlinePass,
+                                   LiftConstantsToInitializersPass, RemoveUnusedNodesPass, ShapeInferencePass)
+from onnxscript.rewriter import RewritePass, pattern
+from onnxscript.rewriter.rules import common as rules
+from onnxscript.version_converter import ConvertVersionPass
+
+from kvc.passes._patterns import attr_int, const_array, const_ints, opset_version
+from kvc.passes.base import KvcPass, PassReport
+
+TARGET_OPSET = 23
+MIN_IR_VERSION = 10  # ONNX Runtime needs at least this to load opset-23 models
+
+
+class StaticShapeGather(pattern.RewriteRuleClassBase):
+    """Gather(Shape(x), i) -> Constant when x's dimension i is a known integer."""
+
+    def __init__(self):
+        super().__init__("StaticShapeGather", remove_nodes=False)  # the Shape may have other users
+
+    def pattern(self, op, x, indices):
+        shape = op.Shape(x, _allow_other_attributes=True, _outputs=["shape"])
+        return op.Gather(shape, indices, _allow_other_attributes=True, _outputs=["gathered"])
+
+    def check(self, context, x, indices, shape, gathered, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        self._dims = None
+        idx = const_array(indices)
+        if idx is None or attr_int(gathered.producer(), "axis", 0) != 0 or x.shape is None:
+            return result.fail("indices or input shape unknown")
+        node = shape.producer()
+        dims = list(x.shape)[attr_int(node, "start", 0):attr_int(node, "end", x.shape.rank()) or None]
+        try:
+            picked = [dims[i] for i in idx.reshape(-1)]
+        except IndexError:
+            return result.fail("index out of range")
+        if not all(isinstance(d, int) for d in picked):
+            return result.fail("gathered dimensions are symbolic")
+        self._dims = np.asarray(picked, dtype=np.int64).reshape(idx.shape)
+        return result
+
+    def rewrite(self, op, **_):
+        return op.Constant(value=ir.tensor(self._dims))
+
+
+class SplitOffNothing(pattern.RewriteRuleClassBase):
+    """Split(x, [n, 0]) on an axis of size n: the first part is x itself (ONNX's RotaryEmbedding
+    function body splits off an empty "not rotated" part when the whole head is rotated)."""
+
+    def __init__(self):
+        super().__init__("SplitOffNothing", remove_nodes=False)
+
+    def pattern(self, op, x, lengths):
+        whole, _ = op.Split(x, lengths, _allow_other_attributes=True, _outputs=["whole", "nothing"])
+        return whole
+
+    def check(self, context, x, lengths, whole, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        parts, node = const_ints(lengths), whole.producer()
+        axis = attr_int(node, "axis", 0)
+        if parts is None or len(parts) != 2 or parts[1] != 0 or x.shape is None or len(node.outputs) != 2:
+            return result.fail("not a split into everything and nothing")
+        if x.shape[axis] != parts[0]:
+            return result.fail("the first part is not the whole axis")
+        return result
+
+    def rewrite(self, op, x, **_):
+        return op.Identity(x)  # the Split stays while its empty part has users
+
+
+_STATIC_SHAPE_RULES = pattern.RewriteRuleSet([StaticShapeGather.rule(), SplitOffNothing.rule()])
+
+
+_CLEANUP_RULES = pattern.RewriteRuleSet([
+    rules.add_0_rule, rules.sub_0_rule, rules.mul_by_1_rule, rules.div_by_1_rule, rules.dropout_inference_rule,
+    rules.dropout_zero_rule, rules.no_op_cast_rule, rules.cast_cast_rule, rules.no_op_expand_rule,
+    rules.no_op_transpose_rule, rules.transpose_transpose_rule, rules.reshape_reshape_rule,
+    rules.unsqueeze_unsqueeze_rule, rules.squeeze_reshape_1d_rule, rules.materialize_reshape_shape_rule,
+    rules.collapse_slice_rule, rules.collapse_slice2_rule])
+
+
+def _fold_and_clean(model: ir.Model) -> None:
+    PassManager([
+        InlinePass(),
+        PassManager([_FoldConstants(), RewritePass(_CLEANUP_RULES), IdentityEliminationPass(),
+                     RemoveUnusedNodesPass()], steps=2, early_stop=True),
+        LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        CommonSubexpressionEliminationPass(),
+    ])(model)
+
+
+class _FoldConstants(ir.passes.InPlacePass):
+    """onnxscript's constant folding (with node-level shape inference) as a pass."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        folded = onnxscript.optimizer.fold_constants(model, onnx_shape_inference=True)
+        return ir.passes.PassResult(model, folded.modified)
+
+
+class CanonicalizePass(KvcPass):
+    name = "canonicalize"
+
+    def apply(self, model: ir.Model) -> PassReport:
+        report = PassReport(self.name)
+        nodes_before = sum(1 for _ in model.graph)
+        _upgrade_opset(model, report)
+        _fold_and_clean(model)
+        ShapeInferencePass(data_prop=True)(model)
+        if _STATIC_SHAPE_RULES.apply_to_model(model):
+            # Fold the arithmetic on the new constants (head_dim / 2, ...), then drop what it fed.
+            onnxscript.optimizer.fold_constants(model)
+            RemoveUnusedNodesPass()(model)
+            LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+            ShapeInferencePass(data_prop=True)(model)
+        model.ir_version = max(model.ir_version, MIN_IR_VERSION)
+        nodes_after = sum(1 for _ in model.graph)
+        report.matched = max(nodes_before - nodes_after, 0)
+        report.notes.append(f"{nodes_before} nodes -> {nodes_after} nodes")
+        return report
+
+
+def _upgrade_opset(model: ir.Model, report: PassReport) -> None:
+    before = opset_version(model)
+    if before >= TARGET_OPSET:
+        return
+    try:
+        ConvertVersionPass(TARGET_OPSET, fallback=True)(model)
+    except Exception as e:  # the converters raise assorted errors; the graph is left as it was
+        report.notes.append(f"opset {before} could not be upgraded to {TARGET_OPSET}: {e}")
+        return
+    after = opset_version(model)
+    if after < TARGET_OPSET:
+        report.notes.append(f"opset {before} could not be upgraded to {TARGET_OPSET}; fused ops unavailable")
+    else:
+        report.notes.append(f"opset {before} -> {after}")

@@ -1,0 +1,42 @@
+"""The fusion phase of kvc's pass pipeline: canonicalize, then RMSNorm, RoPE, attention.
+
+Order matters: RoPE and RMSNorm fusions leave the attention inputs as plain tensors, and the
+attention fusion must run last because the KV ring-buffer pass that follows it (not part of
+this phase) rewrites the Attention nodes' past/present inputs and outputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from kvc.passes.base import KvcPass, PassReport
+from kvc.passes.canonicalize import CanonicalizePass
+from kvc.passes.fuse_attention import FuseAttentionPass
+from kvc.passes.fuse_rms_norm import FuseRmsNormPass
+from kvc.passes.fuse_rotary import FuseRotaryPass
+
+FUSION_PASSES: list[type[KvcPass]] = [CanonicalizePass, FuseRmsNormPass, FuseRotaryPass, FuseAttentionPass]
+
+
+@dataclass(frozen=True)
+class FusionOptions:
+    #: Rows of the cos/sin caches materialised for in-graph RoPE. None: read it from the kvc
+    #: model config in the graph's metadata; without either, cos/sin stay computed in-graph.
+    max_positions: int | None = None
+
+
+def build_fusion_passes(options: FusionOptions = FusionOptions()) -> list[KvcPass]:
+    passes: list[KvcPass] = []
+    for cls in FUSION_PASSES:
+        passes.append(cls(max_positions=options.max_positions) if cls is FuseRotaryPass else cls())
+    return passes
+
+
+def run_fusions(model: ir.Model, options: FusionOptions = FusionOptions()) -> list[PassReport]:
+    """Run the fusion passes in place, in order; one report per pass."""
+    reports = []
+    for fusion in build_fusion_passes(options):
+        fusion(model)
+        reports.append(fusion.report)
+    return reports
