@@ -33,7 +33,8 @@ def compile_model(onnx_path: Path, output: Path, options: CompileOptions, overwr
     capacity = options.capacity_for(config.max_position_embeddings)
     window = options.sliding_window if options.sliding_window is not None else config.sliding_window
     pipeline = PipelineOptions(capacity=capacity, kv_dtype=options.kv_dtype, sliding_window=window,
-                               fp8_scales=_read_scales(options.kv_scales))
+                               fp8_scales=_read_scales(options.kv_scales),
+                               max_positions=config.max_position_embeddings)
     verifier = None
     if options.verify:
         from kvc.compiler.verify import max_abs_diff

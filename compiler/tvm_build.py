@@ -27,7 +27,10 @@ ENTRY_NAMES = ("prefill", "decode")
 def tvm_target(device: Device) -> tvm.target.Target:
     if device is Device.CUDA:
         return tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
-    return tvm.target.Target({"kind": "llvm"})
+    import os
+
+    # MetaSchedule needs the core count in the target; it is also what TVM's threads use.
+    return tvm.target.Target({"kind": "llvm", "num-cores": len(os.sched_getaffinity(0))})
 
 
 DECODE_SHAPES = ("input_ids", "position_ids")  # [batch, seq] inputs fixed to seq = 1 in decode
@@ -115,9 +118,10 @@ def _import(proto) -> tvm.IRModule:
     graph = proto.graph
     converters = dict(onnx_import._standard_domain_converters(graph))
     converters["TensorScatter"] = InPlaceTensorScatter
-    importer = onnx_import.KvcGraphImporter(converters, onnx_import._input_shapes(graph, {}),
-                                            keep_params_in_input=True)
-    return importer.from_onnx(graph, onnx_import._default_opset(proto))
+    importer = onnx_import.KvcGraphImporter(graph, converters, onnx_import._input_shapes(graph, {}),
+                                            onnx_import.ImportOptions(keep_params_in_input=True))
+    mod = importer.from_onnx(graph, onnx_import._default_opset(proto))
+    return relax.transform.DeadCodeElimination()(mod)
 
 
 def _rename_global_vars(func: relax.Function, mapping: dict) -> relax.Function:
@@ -159,16 +163,18 @@ def relax_pipeline(target: tvm.target.Target):
 def build_tvm(model: ir.Model, staging: Path, options: CompileOptions, progress=print) -> tuple[list[EntryPoint], dict]:
     from safetensors.numpy import save_file
 
+    if options.tune_trials > 0 or options.tuning_db is not None:
+        # Checked on this TVM: tune_tir on a 64x64 matmul segfaults in tvm::ffi::ToJSONGraph (JSON
+        # and in-memory databases alike), so tuning would crash the compiler. Refuse clearly instead.
+        raise KvcError(f"MetaSchedule autotuning is not available with apache-tvm {tvm.__version__}: its "
+                       "search crashes serializing workloads (tvm::ffi::ToJSONGraph); build with "
+                       "--tune-trials 0 (dlight default schedules)")
     aliases = in_place_aliases(model)
     target = tvm_target(options.device)
     if options.device is Device.CUDA and not tvm.runtime.enabled("cuda"):
         raise KvcError("this TVM build has no CUDA code generator; use --target cpu or a CUDA-enabled TVM")
     mod, entry_params, weights = import_entry_points(model)
-    if options.tune_trials > 0 or options.tuning_db is not None:
-        from kvc.compiler.tvm_tune import apply_tuning
-
-        mod = apply_tuning(mod, target, options, staging / "tuning", progress)
-    progress(f"tvm: building prefill/decode for {target.kind.name}")
+    progress(f"tvm: building {' and '.join(ENTRY_NAMES)} for {target.kind.name}")
     executable = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
     (staging / LIB_DIR).mkdir()
     lib_name = f"{LIB_DIR}/{target.kind.name}.so"

@@ -18,15 +18,16 @@ class PipelineOptions:
     kv_dtype: str = "fp32"
     sliding_window: Optional[int] = None
     fp8_scales: Optional[dict] = None  # {"key": [[per kv head] per layer], "value": ...} from kvc calibrate
+    max_positions: Optional[int] = None  # rows of materialised RoPE caches (the model's max positions)
 
 
 def default_passes(options: PipelineOptions) -> list[KvcPass]:
-    from kvc.passes.fusion_pipeline import FUSION_PASSES
+    from kvc.passes.fusion_pipeline import FusionOptions, build_fusion_passes
     from kvc.passes.kv_layout import Fp8Scales, KvQuantOptions, RingBufferOptions, parse_kv_dtype
     from kvc.passes.kv_quantize import KvQuantizePass
     from kvc.passes.kv_ring_buffer import KvRingBufferPass
 
-    passes = [make() for make in FUSION_PASSES]
+    passes = build_fusion_passes(FusionOptions(max_positions=options.max_positions))
     passes.append(KvRingBufferPass(RingBufferOptions(capacity=options.capacity,
                                                      sliding_window=options.sliding_window)))
     dtype = parse_kv_dtype(options.kv_dtype)

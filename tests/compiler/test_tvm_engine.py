@@ -65,3 +65,15 @@ def test_artifact_layout(compiled):
     assert manifest.engine == "tvm" and (root / "lib" / "llvm.so").is_file()
     assert [e.name for e in manifest.entry_points] == ["prefill", "decode"]
     assert manifest.versions["tvm"]
+
+
+def test_tuning_request_is_refused_clearly_before_any_build(exported, tmp_path):
+    from kvc.compiler.options import CompileOptions, EngineKind
+    from kvc.compiler.pipeline import compile_model
+    from kvc.errors import KvcError
+
+    _, _, onnx_path = exported("tiny")
+    with pytest.raises(KvcError, match="MetaSchedule autotuning is not available"):
+        compile_model(onnx_path, tmp_path / "t.kvc", CompileOptions(engine=EngineKind.TVM, max_seq_len=32,
+                                                                   tune_trials=8), progress=lambda *_: None)
+    assert not (tmp_path / "t.kvc").exists()

@@ -1,0 +1,265 @@
+"""Decode attention over a ring-buffer KV cache as TIR, flash-decoding style, for CPU (llvm).
+
+One new query token per sequence attends to the first ``lengths[b]`` slots of its cache
+(kvc's ring contract: slots beyond nonpad_kv_seqlen were never written and are never read, so
+they may hold anything, NaN included), plus an optional additive mask. Two kernels:
+
+  partial  for every (batch, kv head, chunk of ``chunk_size`` slots), in parallel: each slot's key
+           and value are loaded and dequantized once and used by all G = H / K query heads of the
+           group; per head it keeps the chunk's max score m, sum of exp(score - m) and the
+           exp-weighted sum of values;
+  merge    for every (batch, head): rescales the chunks to the global max and normalizes.
+A head with no visible slot (length 0, or every score -inf) outputs zeros, like ONNX's Attention.
+
+Cache dtypes: float32, float16, int8 (x = q * scale) and float8 e4m3fn (x = fp8(bits) * scale), with
+scales per token per kv head [B, K, C] or per kv head [K]. Scores and accumulators are float32.
+
+Legend: B batch, H query heads, K kv heads, G = H / K, C capacity (slots), D head size, N chunks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+from tvm import relax, tirx
+from tvm.script import tirx as T
+
+from kvc.compiler.tvm.kernels import float8
+from kvc.compiler.tvm.target import CPU_ONLY_ATTR
+from kvc.errors import KvcError
+
+CACHE_DTYPES = ("float32", "float16", "int8", "float8_e4m3fn")
+QUERY_DTYPES = ("float32", "float16")
+NEG_INF = float("-inf")
+
+
+class ScaleLayout(Enum):
+    NONE = "none"  # float32 / float16 caches
+    PER_TOKEN = "per_token"  # [B, K, C]
+    PER_HEAD = "per_head"  # [K]
+
+
+@dataclass(frozen=True)
+class DecodeAttentionSpec:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    cache_dtype: str = "float32"
+    scale_layout: ScaleLayout = ScaleLayout.NONE
+    query_dtype: str = "float32"
+    has_mask: bool = False
+    chunk_size: int = 64
+    softmax_scale: float | None = None  # None: 1 / sqrt(head_dim)
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise KvcError(f"{self.num_heads} query heads are not a multiple of {self.num_kv_heads} kv heads")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise KvcError(f"decode attention: cache dtype {self.cache_dtype} is not one of {CACHE_DTYPES}")
+        if self.query_dtype not in QUERY_DTYPES:
+            raise KvcError(f"decode attention: query dtype {self.query_dtype} is not one of {QUERY_DTYPES}")
+        quantized = self.cache_dtype in ("int8", "float8_e4m3fn")
+        if quantized != (self.scale_layout is not ScaleLayout.NONE):
+            raise KvcError(f"decode attention: a {self.cache_dtype} cache needs "
+                           f"{'scales' if quantized else 'no scales'}, got scale layout {self.scale_layout.value}")
+        if self.chunk_size <= 0:
+            raise KvcError("decode attention: chunk_size must be positive")
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def scale(self) -> float:
+        return self.softmax_scale if self.softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+
+
+def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
+    """(q, k, v, lengths, k_scale, v_scale, mask) -> (acc [B,H,N,D], max [B,H,N], sum [B,H,N])."""
+    H, K, D, G, CH = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.group_size, spec.chunk_size
+    LANES = next(n for n in (16, 8, 4, 2, 1) if D % n == 0)  # vector accumulators for the q.k dot products
+    cache_dtype, q_dtype = spec.cache_dtype, spec.query_dtype
+    sm_scale = spec.scale
+    load = _dequantizer(spec)
+
+    @T.prim_func(s_tir=True)
+    def decode_attention_partial(q_handle: T.handle, k_handle: T.handle, v_handle: T.handle, len_handle: T.handle,
+                                 ks_handle: T.handle, vs_handle: T.handle, mask_handle: T.handle,
+                                 acc_handle: T.handle, max_handle: T.handle, sum_handle: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, CPU_ONLY_ATTR: True})
+        B = T.int64()
+        C = T.int64()
+        N = T.int64()
+        Q = T.match_buffer(q_handle, (B, H, 1, D), q_dtype)
+        KC = T.match_buffer(k_handle, (B, K, C, D), cache_dtype)
+        VC = T.match_buffer(v_handle, (B, K, C, D), cache_dtype)
+        lengths = T.match_buffer(len_handle, (B,), "int64")
+        KS = T.match_buffer(ks_handle, _scale_shape(spec, B, C), "float32")
+        VS = T.match_buffer(vs_handle, _scale_shape(spec, B, C), "float32")
+        mask = T.match_buffer(mask_handle, _mask_shape(spec, B, C), "float32")
+        acc_out = T.match_buffer(acc_handle, (B, H, N, D), "float32")
+        max_out = T.match_buffer(max_handle, (B, H, N), "float32")
+        sum_out = T.match_buffer(sum_handle, (B, H, N), "float32")
+        for work in T.parallel(B * K * N):
+            with T.sblock("chunk"):
+                q_local = T.sblock_alloc_buffer((G, D), "float32")
+                kv_local = T.sblock_alloc_buffer((D,), "float32")
+                scores = T.sblock_alloc_buffer((G, CH), "float32")
+                m = T.sblock_alloc_buffer((G,), "float32")
+                s = T.sblock_alloc_buffer((G,), "float32")
+                p = T.sblock_alloc_buffer((1,), "float32")
+                dot = T.sblock_alloc_buffer((LANES,), "float32")
+                acc = T.sblock_alloc_buffer((G, D), "float32")
+                b: T.let[T.int64] = work // (K * N)
+                kh: T.let[T.int64] = work // N % K
+                c: T.let[T.int64] = work % N
+                start: T.let[T.int64] = c * CH
+                valid: T.let[T.int64] = T.max(T.min(lengths[b] - start, T.int64(CH)), T.int64(0))
+                for g in T.serial(T.int64(G)):
+                    m[g] = T.float32(NEG_INF)
+                    s[g] = T.float32(0)
+                    for d in T.vectorized(T.int64(D)):
+                        q_local[g, d] = T.Cast("float32", Q[b, kh * G + g, 0, d]) * T.float32(sm_scale)
+                        acc[g, d] = T.float32(0)
+                for t in T.serial(T.int64(CH)):
+                    if t < valid:
+                        for d in T.vectorized(T.int64(D)):
+                            kv_local[d] = load(KC, KS, b, kh, start + t, d)
+                        for g in T.serial(T.int64(G)):
+                            for lane in T.vectorized(T.int64(LANES)):
+                                dot[lane] = T.float32(0)
+                            for j in T.serial(T.int64(D // LANES)):
+                                for lane in T.vectorized(T.int64(LANES)):
+                                    dot[lane] = dot[lane] + q_local[g, j * LANES + lane] * kv_local[j * LANES + lane]
+                            p[0] = _mask_value(spec, mask, b, start + t)
+                            for lane in T.serial(T.int64(LANES)):
+                                p[0] = p[0] + dot[lane]
+                            scores[g, t] = p[0]
+                            m[g] = T.max(m[g], p[0])
+                for t in T.serial(T.int64(CH)):
+                    if t < valid:
+                        for d in T.vectorized(T.int64(D)):
+                            kv_local[d] = load(VC, VS, b, kh, start + t, d)
+                        for g in T.serial(T.int64(G)):
+                            p[0] = T.if_then_else(m[g] == T.float32(NEG_INF), T.float32(0),
+                                                  T.exp(scores[g, t] - m[g]))
+                            s[g] = s[g] + p[0]
+                            for d in T.vectorized(T.int64(D)):
+                                acc[g, d] = acc[g, d] + p[0] * kv_local[d]
+                for g in T.serial(T.int64(G)):
+                    max_out[b, kh * G + g, c] = m[g]
+                    sum_out[b, kh * G + g, c] = s[g]
+                    for d in T.vectorized(T.int64(D)):
+                        acc_out[b, kh * G + g, c, d] = acc[g, d]
+
+    return decode_attention_partial
+
+
+def merge_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
+    """(acc [B,H,N,D], max [B,H,N], sum [B,H,N]) -> out [B, H, 1, D]."""
+    H, D = spec.num_heads, spec.head_dim
+    out_dtype = spec.query_dtype
+
+    @T.prim_func(s_tir=True)
+    def decode_attention_merge(acc_handle: T.handle, max_handle: T.handle, sum_handle: T.handle,
+                               out_handle: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, CPU_ONLY_ATTR: True})
+        B = T.int64()
+        N = T.int64()
+        acc_in = T.match_buffer(acc_handle, (B, H, N, D), "float32")
+        max_in = T.match_buffer(max_handle, (B, H, N), "float32")
+        sum_in = T.match_buffer(sum_handle, (B, H, N), "float32")
+        out = T.match_buffer(out_handle, (B, H, 1, D), out_dtype)
+        for work in T.parallel(B * H):
+            with T.sblock("merge"):
+                total = T.sblock_alloc_buffer((D,), "float32")
+                m = T.sblock_alloc_buffer((1,), "float32")
+                s = T.sblock_alloc_buffer((1,), "float32")
+                w = T.sblock_alloc_buffer((1,), "float32")
+                b: T.let[T.int64] = work // H
+                h: T.let[T.int64] = work % H
+                m[0] = T.float32(NEG_INF)
+                s[0] = T.float32(0)
+                for d in T.vectorized(T.int64(D)):
+                    total[d] = T.float32(0)
+                for c in T.serial(N):
+                    m[0] = T.max(m[0], max_in[b, h, c])
+                for c in T.serial(N):
+                    if max_in[b, h, c] != T.float32(NEG_INF):
+                        w[0] = T.exp(max_in[b, h, c] - m[0])
+                        s[0] = s[0] + sum_in[b, h, c] * w[0]
+                        for d in T.vectorized(T.int64(D)):
+                            total[d] = total[d] + acc_in[b, h, c, d] * w[0]
+                for d in T.vectorized(T.int64(D)):
+                    out[b, h, 0, d] = T.Cast(out_dtype, T.if_then_else(s[0] > T.float32(0), total[d] / s[0],
+                                                                       T.float32(0)))
+
+    return decode_attention_merge
+
+
+def emit_decode_attention(bb: relax.BlockBuilder, spec: DecodeAttentionSpec, q_BH1D: relax.Expr,
+                          k_BKCD: relax.Expr, v_BKCD: relax.Expr, lengths_B: relax.Expr,
+                          k_scale: relax.Expr | None = None, v_scale: relax.Expr | None = None,
+                          mask_B11C: relax.Expr | None = None) -> relax.Expr:
+    """Emit both kernels into ``bb``; returns the [B, H, 1, D] output in the query's dtype.
+
+    Scales: [B, K, C] (or [B, K, C, 1], as kvc's scale rings are) for PER_TOKEN, [K] for PER_HEAD."""
+    batch = q_BH1D.ty.shape.values[0]
+    capacity = k_BKCD.ty.shape.values[2]
+    chunks = (capacity + spec.chunk_size - 1) // spec.chunk_size
+    H, D = spec.num_heads, spec.head_dim
+    placeholder = relax.const(np.ones(1, np.float32))
+    if spec.scale_layout is ScaleLayout.PER_TOKEN:
+        k_scale, v_scale = (relax.op.reshape(s, [batch, spec.num_kv_heads, capacity]) for s in (k_scale, v_scale))
+    elif spec.scale_layout is ScaleLayout.NONE:
+        k_scale = v_scale = placeholder
+    mask = relax.op.astype(mask_B11C, "float32") if spec.has_mask else relax.const(np.zeros((1, 1, 1, 1), np.float32))
+    lengths = relax.op.astype(lengths_B, "int64")
+    partial = bb.add_func(partial_kernel(spec), "decode_attention_partial")
+    merge = bb.add_func(merge_kernel(spec), "decode_attention_merge")
+    parts = bb.emit(relax.call_tir(partial, [q_BH1D, k_BKCD, v_BKCD, lengths, k_scale, v_scale, mask], [
+        relax.TensorType([batch, H, chunks, D], "float32"),
+        relax.TensorType([batch, H, chunks], "float32"),
+        relax.TensorType([batch, H, chunks], "float32"),
+    ]))
+    acc, mx, sm = (bb.emit(relax.TupleGetItem(parts, i)) for i in range(3))
+    return bb.emit(relax.call_tir(merge, [acc, mx, sm], relax.TensorType([batch, H, 1, D], spec.query_dtype)))
+
+
+# --- pieces evaluated while the kernels are parsed -----------------------------------------------
+
+def _scale_shape(spec: DecodeAttentionSpec, batch, capacity) -> tuple:
+    if spec.scale_layout is ScaleLayout.PER_TOKEN:
+        return (batch, spec.num_kv_heads, capacity)
+    if spec.scale_layout is ScaleLayout.PER_HEAD:
+        return (spec.num_kv_heads,)
+    return (1,)
+
+
+def _mask_shape(spec: DecodeAttentionSpec, batch, capacity) -> tuple:
+    return (batch, 1, 1, capacity) if spec.has_mask else (1, 1, 1, 1)
+
+
+def _mask_value(spec: DecodeAttentionSpec, mask, b, slot):
+    return mask[b, 0, 0, slot] if spec.has_mask else tirx.const(0, "float32")
+
+
+def _dequantizer(spec: DecodeAttentionSpec):
+    """(cache, scales, b, kv_head, slot, d) -> float32 PrimExpr."""
+    def raw(cache, b, kh, slot, d):
+        value = cache[b, kh, slot, d]
+        if spec.cache_dtype == "float8_e4m3fn":
+            return float8.decode_bits(tirx.reinterpret("uint8", value), float8.E4M3FN)
+        return value if spec.cache_dtype == "float32" else value.astype("float32")
+
+    def load(cache, scales, b, kh, slot, d):
+        value = raw(cache, b, kh, slot, d)
+        if spec.scale_layout is ScaleLayout.PER_TOKEN:
+            return value * scales[b, kh, slot]
+        if spec.scale_layout is ScaleLayout.PER_HEAD:
+            return value * scales[kh]
+        return value
+
+    return load
