@@ -36,15 +36,15 @@ def tvm_target(device: Device) -> tvm.target.Target:
 DECODE_SHAPES = ("input_ids", "position_ids")  # [batch, seq] inputs fixed to seq = 1 in decode
 
 
-def import_entry_points(model: ir.Model) -> tuple[tvm.IRModule, dict[str, list[str]], dict[str, np.ndarray]]:
+def import_entry_points(model: ir.Model, target_kind: str = "llvm") -> tuple[tvm.IRModule, dict[str, list[str]], dict[str, np.ndarray]]:
     """Relax module with `prefill` (symbolic seq) and `decode` (seq = 1, so GEMV schedules apply);
     each entry's weight parameter names (shared weights appear in both) and all weight values."""
     from kvc.passes.reshape_to_static import ReshapeToStaticPass
 
     ReshapeToStaticPass()(model)  # TVM's importer needs reshape targets without shape arithmetic
     _scatter_in_cache_dtype(model)
-    prefill_mod = _import(ir.to_proto(model))
-    decode_mod = _import(ir.to_proto(_specialize_seq_1(model)))
+    prefill_mod = _import(ir.to_proto(model), target_kind)
+    decode_mod = _import(ir.to_proto(_specialize_seq_1(model)), target_kind)
     weights: dict[str, np.ndarray] = {}
     entry_params = {"prefill": _take_weights(prefill_mod["main"], weights),
                     "decode": _take_weights(decode_mod["main"], weights)}
@@ -111,15 +111,17 @@ def _specialize_seq_1(model: ir.Model) -> ir.Model:
     return decode
 
 
-def _import(proto) -> tvm.IRModule:
+def _import(proto, target_kind: str) -> tvm.IRModule:
     from kvc.compiler.tvm import onnx_import
+    from kvc.compiler.tvm.target import TargetKind
     from kvc.compiler.tvm_inplace import InPlaceTensorScatter
 
     graph = proto.graph
     converters = dict(onnx_import._standard_domain_converters(graph))
     converters["TensorScatter"] = InPlaceTensorScatter
     importer = onnx_import.KvcGraphImporter(graph, converters, onnx_import._input_shapes(graph, {}),
-                                            onnx_import.ImportOptions(keep_params_in_input=True))
+                                            onnx_import.ImportOptions(keep_params_in_input=True,
+                                                                      target_kind=TargetKind(target_kind)))
     mod = importer.from_onnx(graph, onnx_import._default_opset(proto))
     return relax.transform.DeadCodeElimination()(mod)
 
@@ -136,21 +138,24 @@ def _rename_global_vars(func: relax.Function, mapping: dict) -> relax.Function:
 
 
 def relax_pipeline(target: tvm.target.Target):
-    """On CUDA, TVM's default pipeline (it applies dlight's GPU schedules). On llvm, TVM's default
-    build steps with dlight's CPU GEMV/reduction schedules after legalization (the decode step's
-    hot loops). No operator fusion: FuseOps loses the definition of the data-dependent query
-    length in prefill (TVM 0.27 then fails in VMShapeLower)."""
-    if target.kind.name != "llvm":
-        return relax.get_default_pipeline(target)
+    """TVM's default build steps with dlight schedules applied after legalization: GEMV and
+    reductions on the CPU (the decode step's hot loops), matmul/GEMV/reduction rules plus a
+    thread-binding fallback on CUDA. No operator fusion: FuseOps loses the definition of the
+    data-dependent query length in prefill (TVM 0.27 then fails in VMShapeLower)."""
     from tvm.relax import backend, transform
     from tvm.s_tir import dlight as dl
+
+    if target.kind.name == "cuda":
+        rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    else:
+        rules = [dl.cpu.GEMV(), dl.cpu.Reduction()]
 
     @tvm.transform.module_pass(opt_level=0)
     def pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
             return tvm.transform.Sequential([
                 backend.DispatchSampling(), backend.DispatchSortScan(), transform.LegalizeOps(),
-                dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction()),
+                dl.ApplyDefaultSchedule(*rules),
                 transform.RewriteDataflowReshape(), transform.ToNonDataflow(), transform.RemovePurityChecking(),
                 transform.CallTIRRewrite(), transform.StaticPlanBlockMemory(), transform.LowerAllocTensor(),
                 transform.KillAfterLastUse(), transform.LowerRuntimeBuiltin(), transform.ComputePrimValue(),
@@ -171,9 +176,10 @@ def build_tvm(model: ir.Model, staging: Path, options: CompileOptions, progress=
                        "--tune-trials 0 (dlight default schedules)")
     aliases = in_place_aliases(model)
     target = tvm_target(options.device)
-    if options.device is Device.CUDA and not tvm.runtime.enabled("cuda"):
+    # The code generator, not a GPU, is what a CUDA build needs (nvcc compiles without a device).
+    if options.device is Device.CUDA and tvm.get_global_func("target.build.cuda", allow_missing=True) is None:
         raise KvcError("this TVM build has no CUDA code generator; use --target cpu or a CUDA-enabled TVM")
-    mod, entry_params, weights = import_entry_points(model)
+    mod, entry_params, weights = import_entry_points(model, target.kind.name)
     progress(f"tvm: building {' and '.join(ENTRY_NAMES)} for {target.kind.name}")
     executable = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
     (staging / LIB_DIR).mkdir()

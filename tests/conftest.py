@@ -69,20 +69,22 @@ def exported(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def compiled(exported, tmp_path_factory):
-    """Factory: (preset, kv_dtype, capacity, engine) -> artifact directory built with the ORT engine
-    (or TVM); cached per session."""
+    """Factory: (preset, kv_dtype, capacity, engine: "ort" | "tvm" | "tvm-cuda") -> artifact
+    directory; cached per session."""
     cache: dict[tuple, Path] = {}
 
     def make(preset: str = "tiny", kv_dtype: str = "fp32", capacity: int = 64, engine: str = "ort"):
         key = (preset, kv_dtype, capacity, engine)
         if key not in cache:
-            from kvc.compiler.options import CompileOptions, EngineKind
+            from kvc.compiler.options import CompileOptions, Device, EngineKind
             from kvc.compiler.pipeline import compile_model
 
             _, _, onnx_path = exported(preset)
             out = tmp_path_factory.mktemp("artifact") / f"{preset}-{kv_dtype}-{capacity}-{engine}.kvc"
-            compile_model(onnx_path, out, CompileOptions(engine=EngineKind(engine), max_seq_len=capacity,
-                                                         kv_dtype=kv_dtype), progress=lambda *_: None)
+            kind, _, device = engine.partition("-")  # "ort", "tvm" or "tvm-cuda"
+            compile_model(onnx_path, out, CompileOptions(engine=EngineKind(kind), device=Device(device or "cpu"),
+                                                         max_seq_len=capacity, kv_dtype=kv_dtype),
+                          progress=lambda *_: None)
             cache[key] = out
         return cache[key]
 

@@ -77,3 +77,21 @@ def test_tuning_request_is_refused_clearly_before_any_build(exported, tmp_path):
         compile_model(onnx_path, tmp_path / "t.kvc", CompileOptions(engine=EngineKind.TVM, max_seq_len=32,
                                                                    tune_trials=8), progress=lambda *_: None)
     assert not (tmp_path / "t.kvc").exists()
+
+
+def test_cuda_target_builds_without_a_gpu(compiled):
+    """nvcc is enough to build the CUDA engine; running it needs a GPU (test below)."""
+    root = compiled("tiny", capacity=32, engine="tvm-cuda")
+    lib = (root / "lib" / "cuda.so").read_bytes()
+    assert b"ring_write" in lib and b"decode" in lib
+
+
+@pytest.mark.gpu
+def test_cuda_engine_matches_ort_cpu(compiled):
+    ort_model = load(compiled("tiny", capacity=96))
+    cuda_model = load(compiled("tiny", capacity=96, engine="tvm-cuda"), device="cuda")
+    prompt = [3, 14, 15, 92, 65]
+    tokens = ort_model.generate(prompt, SamplingParams(temperature=0.0, max_new_tokens=STEPS, ignore_eos=True)).token_ids
+    worst = max(float(np.abs(a - b).max()) for a, b in
+                zip(logits_trace(ort_model, prompt, tokens), logits_trace(cuda_model, prompt, tokens)))
+    assert worst <= 1e-3, f"max |cuda - ort cpu| = {worst:.2e}"
