@@ -72,27 +72,10 @@ def kit() -> type[Kit]:
     return Kit
 
 
-class _FlatKV(torch.nn.Module):
-    """kvc model forward(..., past list) with flat past tensors, for the dynamo exporter."""
-
-    def __init__(self, model: torch.nn.Module, num_layers: int):
-        super().__init__()
-        self.model, self.num_layers = model, num_layers
-
-    def forward(self, input_ids, attention_mask, position_ids, *flat_past):
-        past = [(flat_past[2 * i], flat_past[2 * i + 1]) for i in range(self.num_layers)]
-        logits, presents = self.model(input_ids, attention_mask, position_ids, past)
-        return (logits, *[t for kv in presents for t in kv])
-
-
 def _export_kvc_dynamo(model, config, path: Path) -> None:
-    from kvc.models import empty_past
-    from kvc.models.export import CONFIG_KEY, input_names, present_names
+    from kvc.models.export import CONFIG_KEY, _FlatKV, _sample_inputs, input_names, present_names
 
-    batch, seq, past = 2, 3, 4
-    args = (torch.zeros((batch, seq), dtype=torch.long), torch.ones((batch, past + seq), dtype=torch.long),
-            torch.arange(past, past + seq).expand(batch, seq).contiguous(),
-            *[t for kv in empty_past(config, batch, length=past) for t in kv])
+    args = _sample_inputs(config)  # the same trace inputs as kvc's TorchScript export
     dyn = torch.export.Dim.DYNAMIC
     shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 1: dyn}, tuple({0: dyn, 2: dyn} for _ in args[3:]))
     with warnings.catch_warnings(), torch.no_grad():
