@@ -44,12 +44,13 @@ ShapeDict = Mapping[str, "list[int | str | tvm.tirx.Var]"]
 class ImportOptions:
     keep_params_in_input: bool = False  # initializers as trailing parameters instead of folded constants
     target_kind: TargetKind = TargetKind.LLVM  # what the module will be built for
-    decode_attention_kernel: bool = True  # kvc's TIR kernel for the decode Attention pattern (llvm only)
-    decode_chunk_size: int = 64  # cache slots per parallel task in that kernel
+    attention_kernels: bool = True  # kvc's TIR kernels for ring-buffer Attention (llvm only; attention_kernels.py)
+    kernel_chunk_size: int = 64  # cache slots per step / per parallel task in those kernels
+    prefill_query_tile: int = 16  # queries per parallel task in the prefill kernel
 
     @property
-    def uses_decode_kernel(self) -> bool:
-        return self.decode_attention_kernel and self.target_kind is TargetKind.LLVM
+    def uses_attention_kernels(self) -> bool:
+        return self.attention_kernels and self.target_kind is TargetKind.LLVM
 
 
 class KvcGraphImporter(tvm_onnx.ONNXGraphImporter):
@@ -113,9 +114,9 @@ class KvcGraphImporter(tvm_onnx.ONNXGraphImporter):
         producers = ()
         if node is not None and node.op_type == op_name:
             producers = tuple(self._producer_of(name) for name in node.input)
-        return NodeContext(producers=producers,
-                           decode_attention_kernel=self._kvc_options.uses_decode_kernel,
-                           decode_chunk_size=self._kvc_options.decode_chunk_size)
+        options = self._kvc_options
+        return NodeContext(producers=producers, attention_kernels=options.uses_attention_kernels,
+                           kernel_chunk_size=options.kernel_chunk_size, prefill_query_tile=options.prefill_query_tile)
 
     def _producer_of(self, name: str) -> Producer | None:
         node = self._producer.get(name)
@@ -131,11 +132,11 @@ def from_onnx(model: onnx.ModelProto, shape_dict: ShapeDict | None = None, keep_
 
     shape_dict maps input names to dims (ints, names of symbolic dims, or tir.Vars); inputs not named
     there keep their ONNX shape, with dim_param names as symbolic dims. Pinning the new-token dim to 1
-    (e.g. {"input_ids": ["batch", 1], "position_ids": ["batch", 1]}) gives the decode entry point, whose
-    Attention nodes then use kvc's decode kernel (a CPU kernel: pass options with the target kind when
-    building for CUDA). keep_params_in_input=True makes initializers trailing function parameters (values
-    in the function's "params" attribute) instead of folded constants; it is the same switch as
-    ``options.keep_params_in_input`` (either turns it on).
+    (e.g. {"input_ids": ["batch", 1], "position_ids": ["batch", 1]}) gives the decode entry point.
+    Ring-buffer Attention nodes use kvc's prefill / decode kernels, which are CPU kernels: pass
+    options with the target kind when building for CUDA. keep_params_in_input=True makes initializers
+    trailing function parameters (values in the function's "params" attribute) instead of folded
+    constants; it is the same switch as ``options.keep_params_in_input`` (either turns it on).
     """
     if keep_params_in_input and not options.keep_params_in_input:
         options = dataclasses.replace(options, keep_params_in_input=True)
@@ -145,7 +146,7 @@ def from_onnx(model: onnx.ModelProto, shape_dict: ShapeDict | None = None, keep_
     importer = KvcGraphImporter(graph, _standard_domain_converters(graph), _input_shapes(graph, shape_dict or {}),
                                 options)
     mod = importer.from_onnx(graph, _default_opset(model))
-    return relax.transform.DeadCodeElimination()(mod)  # e.g. cache dequantizations the kernel made unused
+    return relax.transform.DeadCodeElimination()(mod)  # e.g. cache dequantizations the kernels made unused
 
 
 def _standard_domain_converters(graph: onnx.GraphProto) -> dict[str, type]:

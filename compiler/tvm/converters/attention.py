@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from tvm import relax
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-from kvc.compiler.tvm.converters.attention_decode import try_decode_kernel
+from kvc.compiler.tvm.converters.attention_kernels import try_attention_kernel
 from kvc.compiler.tvm.converters.common import (
     CONTEXT_KEY,
     NEG_INF,
@@ -82,8 +82,8 @@ class Attention(OnnxOpConverter):
     def _impl_v23(cls, bb, inputs, attr, params):
         attrs = AttentionAttrs.parse(attr)
         context = attr.get(CONTEXT_KEY)
-        if context is not None and context.decode_attention_kernel:
-            y = try_decode_kernel(bb, inputs, attr, context)
+        if context is not None and context.attention_kernels:
+            y = try_attention_kernel(bb, inputs, attr, context)
             if y is not None:
                 return y
         q, k, v = inputs[0], inputs[1], inputs[2]
@@ -149,9 +149,15 @@ def _aligned_to(bb, bias: relax.Expr, scores_dims: list) -> relax.Expr:
     dims = shape_of(bias, OP)
     offset = len(scores_dims) - len(dims)
     wanted = [d if isinstance(d, int) and d == 1 else scores_dims[offset + i] for i, d in enumerate(dims)]
-    if all(isinstance(a, int) and isinstance(b, int) and a == b or a is b for a, b in zip(dims, wanted)):
+    if all(_same_dim(a, b) for a, b in zip(dims, wanted)):
         return bias
     return bb.match_cast(bias, relax.TensorType(wanted, dtype_of(bias)))
+
+
+def _same_dim(a, b) -> bool:
+    if isinstance(a, int) or isinstance(b, int):
+        return a == b if isinstance(a, int) and isinstance(b, int) else False
+    return a.same_as(b)
 
 
 def _no_visible_key(bias: relax.Expr, dtype: str) -> relax.Expr:

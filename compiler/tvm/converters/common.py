@@ -28,8 +28,9 @@ class NodeContext:
     """What kvc's importer tells a converter beyond TVM's (inputs, attributes)."""
 
     producers: tuple  # per input: Producer, or None for graph inputs, initializers and absent inputs
-    decode_attention_kernel: bool
-    decode_chunk_size: int
+    attention_kernels: bool  # kvc's TIR attention kernels may be used (llvm builds)
+    kernel_chunk_size: int
+    prefill_query_tile: int
 
     def producer(self, index: int) -> Producer | None:
         return self.producers[index] if index < len(self.producers) else None
@@ -39,7 +40,7 @@ def shape_of(expr: relax.Expr, op: str) -> list:
     """The dims of a tensor of known rank: Python ints where static, tir expressions where symbolic."""
     ty = expr.ty
     if not isinstance(ty, relax.TensorType) or ty.ndim == -1 or ty.shape is None:
-        raise GraphError(f"{op}: an input has unknown rank; give its shape in the graph inputs or shape_dict")
+        raise GraphError(f"{op}: an input has an unknown shape; give it in the graph inputs or shape_dict")
     return [int(d) if isinstance(d, tvm.tirx.IntImm) else d for d in ty.shape.values]
 
 

@@ -27,6 +27,8 @@ class RotaryEmbedding(OnnxOpConverter):
             if not heads:
                 raise GraphError(f"{OP}: a 3-D input needs the num_heads attribute")
             hidden = static_dim(dims[2], OP, "the hidden size")
+            if hidden % heads:
+                raise GraphError(f"{OP}: hidden size {hidden} is not a multiple of num_heads={heads}")
             x_BSHD = bb.emit(op.reshape(x, [dims[0], dims[1], heads, hidden // heads]))
             y = _rotate(bb, x_BSHD, cos, sin, position_ids, attr, head_axis=2)
             return op.reshape(y, dims)

@@ -11,8 +11,7 @@ they may hold anything, NaN included), plus an optional additive mask. Two kerne
   merge    for every (batch, head): rescales the chunks to the global max and normalizes.
 A head with no visible slot (length 0, or every score -inf) outputs zeros, like ONNX's Attention.
 
-Cache dtypes: float32, float16, int8 (x = q * scale) and float8 e4m3fn (x = fp8(bits) * scale), with
-scales per token per kv head [B, K, C] or per kv head [K]. Scores and accumulators are float32.
+Cache dtypes and scales: kvc.compiler.tvm.kernels.kv_read. Scores and accumulators are float32.
 
 Legend: B batch, H query heads, K kv heads, G = H / K, C capacity (slots), D head size, N chunks.
 """
@@ -20,25 +19,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
 
 import numpy as np
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
-from kvc.compiler.tvm.kernels import float8
+from kvc.compiler.tvm.kernels.kv_read import ScaleLayout, check_cache, scale_shape, slot_loader, vector_lanes
 from kvc.compiler.tvm.target import CPU_ONLY_ATTR
 from kvc.errors import KvcError
 
-CACHE_DTYPES = ("float32", "float16", "int8", "float8_e4m3fn")
-QUERY_DTYPES = ("float32", "float16")
 NEG_INF = float("-inf")
-
-
-class ScaleLayout(Enum):
-    NONE = "none"  # float32 / float16 caches
-    PER_TOKEN = "per_token"  # [B, K, C]
-    PER_HEAD = "per_head"  # [K]
 
 
 @dataclass(frozen=True)
@@ -56,14 +46,7 @@ class DecodeAttentionSpec:
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise KvcError(f"{self.num_heads} query heads are not a multiple of {self.num_kv_heads} kv heads")
-        if self.cache_dtype not in CACHE_DTYPES:
-            raise KvcError(f"decode attention: cache dtype {self.cache_dtype} is not one of {CACHE_DTYPES}")
-        if self.query_dtype not in QUERY_DTYPES:
-            raise KvcError(f"decode attention: query dtype {self.query_dtype} is not one of {QUERY_DTYPES}")
-        quantized = self.cache_dtype in ("int8", "float8_e4m3fn")
-        if quantized != (self.scale_layout is not ScaleLayout.NONE):
-            raise KvcError(f"decode attention: a {self.cache_dtype} cache needs "
-                           f"{'scales' if quantized else 'no scales'}, got scale layout {self.scale_layout.value}")
+        check_cache("decode attention", self.cache_dtype, self.scale_layout, self.query_dtype)
         if self.chunk_size <= 0:
             raise KvcError("decode attention: chunk_size must be positive")
 
@@ -79,10 +62,10 @@ class DecodeAttentionSpec:
 def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
     """(q, k, v, lengths, k_scale, v_scale, mask) -> (acc [B,H,N,D], max [B,H,N], sum [B,H,N])."""
     H, K, D, G, CH = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.group_size, spec.chunk_size
-    LANES = next(n for n in (16, 8, 4, 2, 1) if D % n == 0)  # vector accumulators for the q.k dot products
+    LANES = vector_lanes(D)
     cache_dtype, q_dtype = spec.cache_dtype, spec.query_dtype
     sm_scale = spec.scale
-    load = _dequantizer(spec)
+    load = slot_loader(spec.cache_dtype, spec.scale_layout)
 
     @T.prim_func(s_tir=True)
     def decode_attention_partial(q_handle: T.handle, k_handle: T.handle, v_handle: T.handle, len_handle: T.handle,
@@ -96,8 +79,8 @@ def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
         KC = T.match_buffer(k_handle, (B, K, C, D), cache_dtype)
         VC = T.match_buffer(v_handle, (B, K, C, D), cache_dtype)
         lengths = T.match_buffer(len_handle, (B,), "int64")
-        KS = T.match_buffer(ks_handle, _scale_shape(spec, B, C), "float32")
-        VS = T.match_buffer(vs_handle, _scale_shape(spec, B, C), "float32")
+        KS = T.match_buffer(ks_handle, scale_shape(spec.scale_layout, K, B, C), "float32")
+        VS = T.match_buffer(vs_handle, scale_shape(spec.scale_layout, K, B, C), "float32")
         mask = T.match_buffer(mask_handle, _mask_shape(spec, B, C), "float32")
         acc_out = T.match_buffer(acc_handle, (B, H, N, D), "float32")
         max_out = T.match_buffer(max_handle, (B, H, N), "float32")
@@ -116,7 +99,7 @@ def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
                 kh: T.let[T.int64] = work // N % K
                 c: T.let[T.int64] = work % N
                 start: T.let[T.int64] = c * CH
-                valid: T.let[T.int64] = T.max(T.min(lengths[b] - start, T.int64(CH)), T.int64(0))
+                valid: T.let[T.int64] = T.max(T.min(T.min(lengths[b], C) - start, T.int64(CH)), T.int64(0))
                 for g in T.serial(T.int64(G)):
                     m[g] = T.float32(NEG_INF)
                     s[g] = T.float32(0)
@@ -230,36 +213,9 @@ def emit_decode_attention(bb: relax.BlockBuilder, spec: DecodeAttentionSpec, q_B
 
 # --- pieces evaluated while the kernels are parsed -----------------------------------------------
 
-def _scale_shape(spec: DecodeAttentionSpec, batch, capacity) -> tuple:
-    if spec.scale_layout is ScaleLayout.PER_TOKEN:
-        return (batch, spec.num_kv_heads, capacity)
-    if spec.scale_layout is ScaleLayout.PER_HEAD:
-        return (spec.num_kv_heads,)
-    return (1,)
-
-
 def _mask_shape(spec: DecodeAttentionSpec, batch, capacity) -> tuple:
     return (batch, 1, 1, capacity) if spec.has_mask else (1, 1, 1, 1)
 
 
 def _mask_value(spec: DecodeAttentionSpec, mask, b, slot):
     return mask[b, 0, 0, slot] if spec.has_mask else tirx.const(0, "float32")
-
-
-def _dequantizer(spec: DecodeAttentionSpec):
-    """(cache, scales, b, kv_head, slot, d) -> float32 PrimExpr."""
-    def raw(cache, b, kh, slot, d):
-        value = cache[b, kh, slot, d]
-        if spec.cache_dtype == "float8_e4m3fn":
-            return float8.decode_bits(tirx.reinterpret("uint8", value), float8.E4M3FN)
-        return value if spec.cache_dtype == "float32" else value.astype("float32")
-
-    def load(cache, scales, b, kh, slot, d):
-        value = raw(cache, b, kh, slot, d)
-        if spec.scale_layout is ScaleLayout.PER_TOKEN:
-            return value * scales[b, kh, slot]
-        if spec.scale_layout is ScaleLayout.PER_HEAD:
-            return value * scales[kh]
-        return value
-
-    return load

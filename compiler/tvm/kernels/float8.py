@@ -1,12 +1,11 @@
 """Exact float8 <-> float32 conversion as TIR expressions on the raw bits.
 
 TVM 0.27's LLVM lowering of ``astype`` to and from float8 is wrong for zero, subnormals and NaN
-(fp8 0x00 decodes to 2^-7; see tests/compiler/test_tvm_import.py), and a KV cache is full of small
-values, so kvc converts float8 itself:
+(e.g. e4m3fn 0x00 decodes to 2^-7), and a KV cache is full of small values, so kvc converts itself:
   decode  normal: rebias the exponent and shift the bits into a float32; subnormal: m * 2^(1-bias-M)
   encode  round to nearest even on the float32 bits (a carry out of the mantissa bumps the exponent,
-          as it should), subnormals rounded as multiples of the smallest step; saturating.
-Both are checked against ml_dtypes over all 256 codes and random values.
+          as it should), subnormals rounded as multiples of the smallest step; saturating or not.
+Both are checked against ml_dtypes in tests/compiler/test_tvm_kernels.py.
 """
 from __future__ import annotations
 
