@@ -1,0 +1,139 @@
+"""`kvc bench` end to end: resolve SOURCE, measure the machine's bandwidth, time every engine at
+every context depth, and collect rows plus a header describing the machine and the settings."""
+from __future__ import annotations
+
+import contextlib
+import gc
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from kvc.compiler.bench.bandwidth import measure_bandwidth, weight_bytes_per_token
+from kvc.compiler.bench.machine import machine_info
+from kvc.compiler.bench.measure import measure_depth, random_prompt, steps_per_depth
+from kvc.compiler.bench.options import BenchConfig, EngineName
+from kvc.compiler.bench.progress import BenchProgress, NullProgress
+from kvc.compiler.bench.results import Row, RowContext, rows_for_depth
+from kvc.compiler.bench.sources import EngineSlot, plan_source
+
+OK = "ok"
+
+
+@dataclass
+class BenchResult:
+    header: dict
+    rows: list[Row] = field(default_factory=list)
+    engines: dict[str, str] = field(default_factory=dict)  # "engine/dtype" -> "ok" | "unavailable: why"
+
+    def to_dict(self) -> dict:
+        return {"header": {**self.header, "engines": self.engines}, "rows": [r.to_dict() for r in self.rows]}
+
+
+@contextlib.contextmanager
+def work_directory(keep: Path | None) -> Iterator[Path]:
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield keep
+        return
+    with tempfile.TemporaryDirectory(prefix="kvc-bench-") as tmp:
+        yield Path(tmp)
+
+
+def run_bench(source: str, bench: BenchConfig, progress: BenchProgress = NullProgress(),
+              bandwidth: float | None = None) -> BenchResult:
+    """Benchmark SOURCE; ``bandwidth`` (bytes/s) skips the probe when already known."""
+    threads = bench.resolved_threads()
+    with work_directory(bench.work_dir) as work:
+        target = plan_source(source, bench, work, progress.note)
+        given = bandwidth is not None
+        if bandwidth is None:
+            progress.note(f"measuring memory bandwidth on {threads} thread(s)")
+            bandwidth = measure_bandwidth(threads=threads)
+        result = BenchResult(_header(source, target, bench, threads, bandwidth, given),
+                             engines=dict(target.unavailable))
+        progress.begin(len(target.slots) * len(bench.contexts) * _steps(bench))
+        try:
+            for slot in target.slots:
+                result.engines[slot.label] = _bench_slot(slot, target.config, bench, bandwidth, result.rows, progress)
+        finally:
+            progress.end()
+    return result
+
+
+def _bench_slot(slot: EngineSlot, config, bench: BenchConfig, bandwidth: float, rows: list[Row],
+                progress: BenchProgress) -> str:
+    """Time one engine at every context; its rows are kept only once every context succeeded.
+
+    A kvc engine that cannot be built or loaded at some cache dtype, and a TVM engine that fails
+    at all (the engine is optional where it cannot build), are recorded as "unavailable: why"
+    instead of ending the run; a baseline or kvc-ort failing mid-measurement still raises."""
+    progress.describe(f"{slot.label}: building")
+    steps = len(bench.contexts) * _steps(bench)
+    try:
+        runner = slot.open()
+    except Exception as exc:
+        if not slot.engine.is_kvc:
+            raise
+        return _unavailable(slot, exc, progress, steps)
+    ctx = RowContext(config, slot.engine.value, slot.kv_dtype, slot.per_token_scales, bench.batch, bench.gen,
+                     bandwidth)
+    done = 0
+    try:
+        new_rows = []
+        for depth in bench.contexts:
+            progress.describe(f"{slot.label} @ {depth}")
+            prompt = random_prompt(config.vocab_size, bench.batch, depth, bench.seed)
+            samples = measure_depth(runner, prompt, bench.gen, bench.reps, bench.warmup,
+                                    min(bench.prefill_chunk, depth), bench.resolved_prefill_reps,
+                                    on_step=progress.advance)
+            done += _steps(bench)
+            new_rows += rows_for_depth(ctx, depth, samples)
+    except Exception as exc:
+        if slot.engine is not EngineName.KVC_TVM:
+            raise
+        return _unavailable(slot, exc, progress, steps - done)
+    finally:
+        del runner
+        gc.collect()  # free this engine's weights before the next one loads
+    rows.extend(new_rows)
+    return OK
+
+
+def _steps(bench: BenchConfig) -> int:
+    return steps_per_depth(bench.warmup, bench.reps, bench.resolved_prefill_reps)
+
+
+def _unavailable(slot: EngineSlot, exc: Exception, progress: BenchProgress, steps_left: int) -> str:
+    progress.advance(steps_left)  # the bar still reaches its end
+    status = f"unavailable: {_one_line(exc)}"
+    progress.note(f"{slot.label} {status}")
+    return status
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip().rstrip(":")
+
+
+def _header(source: str, target, bench: BenchConfig, threads: int, bandwidth: float, given: bool) -> dict:
+    config = target.config
+    return {"machine": machine_info(threads, bandwidth, given),
+            "model": {"source": source, "description": target.description, "name": config.name,
+                      "parameters": config.num_parameters(), "layers": config.num_layers,
+                      "kv_heads": config.num_kv_heads, "head_dim": config.resolved_head_dim,
+                      "weight_bytes_read_per_token": weight_bytes_per_token(config)},
+            "settings": {"contexts": list(bench.contexts), "gen": bench.gen, "batch": bench.batch,
+                         "reps": bench.reps, "warmup": bench.warmup,
+                         "prefill_reps": bench.resolved_prefill_reps, "threads": threads,
+                         "prefill_chunk": bench.prefill_chunk, "capacity": bench.capacity, "seed": bench.seed,
+                         "kv_dtypes": list(bench.kv_dtypes), "engines": [e.value for e in bench.engines]},
+            "method": ("per context: fill an empty cache with a random prompt of `context` tokens in chunks of "
+                       "prefill_chunk; then per repetition rewind to `context` and time `gen` greedy decode steps "
+                       "of one token (decode_ms_per_token = step time; `warmup` untimed first, `reps` timed); "
+                       "prefill_tok_s: `prefill_reps` further fills from an empty cache (0: the first fill). "
+                       "Median and min/max over the timed repetitions. "
+                       "bytes_per_token: weights read per step + KV cache (K and V, all layers, cache dtype "
+                       "incl. scales) at the mean attended length context + (gen+1)/2, per step and batch; "
+                       "bandwidth_fraction: bytes_per_token / median step time / measured bandwidth. "
+                       "torch and ort-concat keep an fp32 concat cache.")}
