@@ -14,7 +14,7 @@ from tvm import relax
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 from tvm.script import tirx as T
 
-from kvc.compiler.tvm.converters.tensor_scatter import TensorScatter
+from kvc.compiler.tvm.converters.tensor_scatter import TensorScatter, scatter_mode
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,8 +42,7 @@ class InPlaceTensorScatter(OnnxOpConverter):
     @classmethod
     def _impl_v24(cls, bb, inputs, attr, params):
         past, update, write_indices = inputs[0], inputs[1], inputs[2]
-        mode = attr.get("mode", b"linear")
-        mode = mode.decode() if isinstance(mode, bytes) else mode
+        mode = scatter_mode(attr)
         axis = attr.get("axis", -2)
         shape = past.ty.shape if isinstance(past.ty, relax.TensorType) else None
         if (mode != "circular" or write_indices is None or not isinstance(past, relax.Var)

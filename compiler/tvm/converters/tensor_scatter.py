@@ -19,14 +19,20 @@ OP = "TensorScatter"
 MODES = ("linear", "circular")
 
 
+def scatter_mode(attr: dict) -> str:
+    """The node's mode attribute as text ("linear" when absent); unknown modes are refused."""
+    mode = attr.get("mode", b"linear")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode not in MODES:
+        raise GraphError(f"{OP}: mode '{mode}' is not one of {MODES}")
+    return mode
+
+
 class TensorScatter(OnnxOpConverter):
     @classmethod
     def _impl_v24(cls, bb, inputs, attr, params):
         past, update, write_indices = inputs[0], inputs[1], inputs[2]
-        mode = attr.get("mode", b"linear")
-        mode = mode.decode() if isinstance(mode, bytes) else mode
-        if mode not in MODES:
-            raise GraphError(f"{OP}: mode '{mode}' is not one of {MODES}")
+        mode = scatter_mode(attr)
         rank = len(shape_of(past, OP))
         if len(shape_of(update, OP)) != rank:
             raise GraphError(f"{OP}: update has rank {len(shape_of(update, OP))}, past_cache rank {rank}")
