@@ -4,6 +4,11 @@ A request of B prompts uses cache rows 0..B-1. Prefill right-pads the prompts to
 one and runs them in one call; each row's padding is written to the ring but stays invisible
 (causality) and is overwritten by that row's next decode step, because each row keeps its own
 ``past_len``. Decode then runs one token per row per call.
+
+Each row tracks its true length (tokens held so far, the RoPE position of its next token)
+separately from the storage index passed to the graph as ``past_len``: they are equal until the
+ring is full; after that ``kvc.runtime.ring_slots.storage_index`` chooses the slot a token
+overwrites, which is how ``Overflow(SLIDE, sink_tokens=n)`` keeps the first n tokens pinned.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import numpy as np
 from kvc.errors import GenerationError
 from kvc.runtime.detokenize import IncrementalDetokenizer
 from kvc.runtime.engine import Engine
+from kvc.runtime.ring_slots import storage_index
 from kvc.runtime.sampling import Sampler, SamplingParams
 from kvc.runtime.stopping import FinishReason, SequenceStopper
 
@@ -24,6 +30,58 @@ from kvc.runtime.stopping import FinishReason, SequenceStopper
 class OverflowPolicy(str, Enum):
     REFUSE = "refuse"  # prompt over capacity is refused; generation stops at capacity ("length")
     SLIDE = "slide"  # keep going: the ring wraps and attention becomes a sliding window of the capacity
+
+
+@dataclass(frozen=True)
+class Overflow:
+    """What happens when a sequence outgrows the KV-cache capacity C.
+
+    ``sink_tokens`` = n > 0 (SLIDE only): attention sinks. Once the ring is full, every token sees
+    the first n tokens of the sequence plus the most recent C - n (itself included) instead of
+    the last C. Keys keep the rotary positions they were written at (true positions, no
+    re-rotation): window attention with sinks over absolute positions, unlike StreamingLLM's
+    positions relative to the cache.
+    """
+    policy: OverflowPolicy = OverflowPolicy.REFUSE
+    sink_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "policy", OverflowPolicy(self.policy))
+        except ValueError:
+            choices = ", ".join(p.value for p in OverflowPolicy)
+            raise GenerationError(f"overflow policy must be one of {choices}, got {self.policy!r}") from None
+        if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, (int, np.integer)):
+            raise GenerationError(f"sink_tokens must be an integer, got {self.sink_tokens!r}")
+        object.__setattr__(self, "sink_tokens", int(self.sink_tokens))
+        if self.sink_tokens < 0:
+            raise GenerationError(f"sink_tokens must be >= 0, got {self.sink_tokens}; "
+                                  "use 0 for a plain sliding window")
+        if self.sink_tokens > 0 and self.policy is not OverflowPolicy.SLIDE:
+            raise GenerationError(f"sink_tokens={self.sink_tokens} needs the slide policy: sinks only apply "
+                                  "with --on-overflow slide (OverflowPolicy.SLIDE)")
+
+    @classmethod
+    def of(cls, value: "Overflow | OverflowPolicy") -> "Overflow":
+        """Accept a bare OverflowPolicy (the older API) as Overflow(policy)."""
+        if isinstance(value, Overflow):
+            return value
+        if isinstance(value, OverflowPolicy):
+            return cls(value)
+        raise GenerationError(f"overflow must be an Overflow or an OverflowPolicy, got {value!r}")
+
+    def check_fits(self, capacity: int, sliding_window: int | None) -> None:
+        """Errors that depend on the compiled cache: at least one ring slot, no narrower model window."""
+        if self.sink_tokens == 0:
+            return
+        if self.sink_tokens >= capacity:
+            raise GenerationError(f"sink_tokens={self.sink_tokens} leaves no ring slot in the KV-cache capacity "
+                                  f"of {capacity}; use at most {capacity - 1} sink tokens or recompile with a "
+                                  "larger --max-seq-len")
+        if sliding_window is not None and sliding_window < capacity:
+            raise GenerationError(f"attention sinks need full attention over the cache, but this model has its own "
+                                  f"sliding window of {sliding_window} tokens (< capacity {capacity}), which "
+                                  "already bounds attention; use --on-overflow slide without --sink-tokens")
 
 
 @dataclass
@@ -83,9 +141,11 @@ class GenerationRun:
     """One request: owns the per-row state and yields TextEvents as tokens are generated."""
 
     def __init__(self, engine: Engine, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 eos_token_ids: Sequence[int], tokenizer=None, overflow: OverflowPolicy = OverflowPolicy.REFUSE,
-                 prefix: PrefixHit | None = None, bytes_per_token: int = 0):
-        self.engine, self.params, self.overflow = engine, params, overflow
+                 eos_token_ids: Sequence[int], tokenizer=None, overflow: Overflow | OverflowPolicy = Overflow(),
+                 prefix: PrefixHit | None = None, bytes_per_token: int = 0, sliding_window: int | None = None):
+        """``sliding_window``: the model's own window (manifest.cache.sliding_window), for checking sinks."""
+        self.engine, self.params, self.overflow = engine, params, Overflow.of(overflow)
+        self.sliding_window = sliding_window
         self.prompts = [list(map(int, p)) for p in prompts]
         self._check_request()
         self.prefix = prefix
@@ -96,7 +156,9 @@ class GenerationRun:
         self.stoppers = [SequenceStopper(params, eos_token_ids,
                                          IncrementalDetokenizer(tokenizer, p) if tokenizer is not None else None)
                          for p in self.prompts]
-        self.past_len = np.zeros(len(self.prompts), dtype=np.int64)
+        # true length of each row (tokens held; the RoPE position of its next token), not capped at C;
+        # the storage index the graph gets as past_len is derived from it (_storage)
+        self.seq_len = np.zeros(len(self.prompts), dtype=np.int64)
         self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in self.prompts))
 
     def _check_request(self) -> None:
@@ -105,8 +167,9 @@ class GenerationRun:
         if len(self.prompts) > self.engine.max_batch:
             raise GenerationError(f"{len(self.prompts)} prompts exceed max_batch={self.engine.max_batch} "
                                   "set when the model was loaded; load with a larger max_batch")
+        self.overflow.check_fits(self.engine.capacity, self.sliding_window)
         longest = max(len(p) for p in self.prompts)
-        if longest > self.engine.capacity and self.overflow is OverflowPolicy.REFUSE:
+        if longest > self.engine.capacity and self.overflow.policy is OverflowPolicy.REFUSE:
             raise GenerationError(f"prompt of {longest} tokens exceeds the KV-cache capacity of "
                                   f"{self.engine.capacity}; recompile with a larger --max-seq-len, shorten "
                                   "the prompt, or pass --on-overflow slide")
@@ -127,8 +190,8 @@ class GenerationRun:
                 first = False
             for row in list(active):
                 token = int(tokens[row])
-                at_capacity = (self.overflow is OverflowPolicy.REFUSE
-                               and self.past_len[row] + 1 > self.engine.capacity)
+                at_capacity = (self.overflow.policy is OverflowPolicy.REFUSE
+                               and self.seq_len[row] + 1 > self.engine.capacity)
                 out = self.stoppers[row].step(token, at_capacity=at_capacity)
                 if out.finish_reason not in (FinishReason.STOP, FinishReason.EOS):
                     self.generated[row].append(token)
@@ -142,8 +205,21 @@ class GenerationRun:
             last_logits = self._decode(tokens)
         self.stats.decode_s = time.perf_counter() - decode_start
         self.stats.generated_tokens = sum(len(g) for g in self.generated)
-        self.stats.kv_bytes_in_use = int(sum(min(int(n), self.engine.capacity) for n in self.past_len)
+        self.stats.kv_bytes_in_use = int(sum(min(int(n), self.engine.capacity) for n in self.seq_len)
                                          * self.bytes_per_token)
+
+    def _storage(self) -> np.ndarray:
+        """past_len for the graph: where each row's next token is stored (see ring_slots)."""
+        return storage_index(self.seq_len, self.engine.capacity, self.overflow.sink_tokens)
+
+    def _forward(self, ids: np.ndarray) -> np.ndarray:
+        """Run ids [B, S] at each row's true positions; multi-token calls must stay below capacity."""
+        width = ids.shape[1]
+        if width > 1 and int(self.seq_len.max()) + width > self.engine.capacity:  # a bug here, not bad input
+            raise RuntimeError(f"a {width}-token call after {int(self.seq_len.max())} tokens would cross the "
+                               f"ring's capacity {self.engine.capacity}; such steps must run one token per call")
+        positions = self.seq_len[:, None] + np.arange(width, dtype=np.int64)[None, :]
+        return self.engine.forward(ids, positions, self._storage())
 
     def _prefill(self) -> np.ndarray:
         """Run all prompt tokens; return each row's logits at its last prompt token [B, V]."""
@@ -152,37 +228,36 @@ class GenerationRun:
             for row in range(len(self.prompts)):
                 self.engine.write_slots(row, self.prefix.slots)
             start = self.prefix.length
-            self.past_len[:] = start
+            self.seq_len[:] = start
             self.stats.prefix_cache_tokens = start * len(self.prompts)
         remaining = [p[start:] for p in self.prompts]
-        if len(remaining) == 1 and len(remaining[0]) > self.engine.capacity:
+        if len(remaining) == 1 and start + len(remaining[0]) > self.engine.capacity:
             return self._prefill_sliding(remaining[0])
+        # batches: every prompt fits (_check_request), so start + width <= capacity
         lengths = np.array([len(r) for r in remaining], dtype=np.int64)
         width = int(lengths.max())
         ids = np.zeros((len(remaining), width), dtype=np.int64)
         for row, r in enumerate(remaining):
             ids[row, : len(r)] = r
-        positions = self.past_len[:, None] + np.arange(width, dtype=np.int64)[None, :]
-        logits = self.engine.forward(ids, positions, self.past_len.copy())
-        self.past_len += lengths
+        logits = self._forward(ids)
+        self.seq_len += lengths
         return logits[np.arange(len(remaining)), lengths - 1]
 
     def _prefill_sliding(self, tokens: list[int]) -> np.ndarray:
-        """A prompt over capacity (slide policy): fill the ring in one call, then one token per call,
-        so every query sees exactly the last `capacity` tokens."""
-        cap = self.engine.capacity
-        head = np.array([tokens[:cap]], dtype=np.int64)
-        logits = self.engine.forward(head, self.past_len[:, None] + np.arange(cap)[None, :], self.past_len.copy())
-        self.past_len += cap
-        for token in tokens[cap:]:
-            logits = self.engine.forward(np.array([[token]], dtype=np.int64), self.past_len[:, None],
-                                         self.past_len.copy())
-            self.past_len += 1
+        """A prompt that overflows the ring (slide policy, one row): fill the ring up to capacity in one
+        call (after any prefix-cache hit), then one token per call, so that no chunk crosses capacity
+        and every query sees exactly what single-token decoding would show it."""
+        head = self.engine.capacity - int(self.seq_len[0])
+        logits = self._forward(np.array([tokens[:head]], dtype=np.int64))
+        self.seq_len += head
+        for token in tokens[head:]:
+            logits = self._forward(np.array([[token]], dtype=np.int64))
+            self.seq_len += 1
         return logits[:, -1]
 
     def _decode(self, tokens: np.ndarray) -> np.ndarray:
-        logits = self.engine.forward(tokens[:, None].astype(np.int64), self.past_len[:, None], self.past_len.copy())
-        self.past_len += 1
+        logits = self._forward(tokens[:, None].astype(np.int64))
+        self.seq_len += 1
         return logits[:, -1]
 
     def results(self) -> list[GenerationResult]:

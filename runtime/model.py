@@ -10,7 +10,8 @@ import numpy as np
 
 from kvc.errors import GenerationError
 from kvc.runtime.artifact import Manifest, validate_artifact
-from kvc.runtime.generate import (GenerationResult, GenerationRun, OverflowPolicy, PrefixHit, TextEvent)
+from kvc.runtime.generate import (GenerationResult, GenerationRun, Overflow, OverflowPolicy, PrefixHit,
+                                  TextEvent)
 from kvc.runtime.sampling import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -68,14 +69,19 @@ class KvcModel:
             ids = [int(bos)] + ids
         return ids
 
-    def _run(self, prompts: Sequence[Prompt], params: SamplingParams, overflow: OverflowPolicy) -> GenerationRun:
+    def _run(self, prompts: Sequence[Prompt], params: SamplingParams,
+             overflow: Overflow | OverflowPolicy) -> GenerationRun:
         ids = [self.encode(p) for p in prompts]
         return GenerationRun(self.engine, ids, params, self.eos_token_ids, self.tokenizer, overflow,
-                             prefix=self._find_prefix(ids), bytes_per_token=self.kv_bytes_per_token())
+                             prefix=self._find_prefix(ids), bytes_per_token=self.kv_bytes_per_token(),
+                             sliding_window=self.manifest.cache.sliding_window)
 
     def generate(self, prompt: Prompt | list[Prompt], params: SamplingParams = SamplingParams(temperature=0.0),
-                 overflow: OverflowPolicy = OverflowPolicy.REFUSE) -> GenerationResult | list[GenerationResult]:
-        """Generate for one prompt (str or ids) or a list of prompts (batched, rows independent)."""
+                 overflow: Overflow | OverflowPolicy = Overflow()) -> GenerationResult | list[GenerationResult]:
+        """Generate for one prompt (str or ids) or a list of prompts (batched, rows independent).
+
+        ``overflow``: what to do past the cache capacity, e.g. ``Overflow(OverflowPolicy.SLIDE,
+        sink_tokens=4)`` (a bare OverflowPolicy is accepted too); see kvc.runtime.generate.Overflow."""
         single = isinstance(prompt, str) or (len(prompt) > 0 and isinstance(prompt[0], (int, np.integer)))
         prompts = [prompt] if single else list(prompt)
         run = self._run(prompts, params, overflow)
@@ -85,7 +91,7 @@ class KvcModel:
         return results[0] if single else results
 
     def stream(self, prompt: Prompt, params: SamplingParams = SamplingParams(temperature=0.0),
-               overflow: OverflowPolicy = OverflowPolicy.REFUSE) -> Iterator[TextEvent]:
+               overflow: Overflow | OverflowPolicy = Overflow()) -> Iterator[TextEvent]:
         """Yield text pieces as they are generated; the last event carries the finish reason.
         After the iterator is exhausted, ``self.last_result`` holds the full GenerationResult."""
         run = self._run([prompt], params, overflow)
@@ -142,4 +148,5 @@ def _make_engine(root: Path, manifest: Manifest, options: LoadOptions):
                                                           intra_op_threads=options.threads))
     from kvc.runtime.tvm_engine import TvmEngine, TvmEngineOptions
 
-    return TvmEngine(root, manifest, TvmEngineOptions(device=options.device, max_batch=options.max_batch))
+    return TvmEngine(root, manifest, TvmEngineOptions(device=options.device, max_batch=options.max_batch,
+                                                      threads=options.threads))

@@ -35,6 +35,10 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--system", default=None, help="System message for --chat.")
 @click.option("--on-overflow", type=click.Choice(["refuse", "slide"]), default="refuse", show_default=True,
               help="slide: let the ring buffer wrap (sliding-window attention over the last capacity tokens).")
+@click.option("--sink-tokens", type=int, default=0, show_default=True,
+              help="With --on-overflow slide: keep the first N tokens in the cache forever (attention sinks, "
+                   "StreamingLLM-style); the other capacity-N slots slide. Keys keep their true RoPE positions "
+                   "(window attention with sinks over absolute positions, no re-rotation).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, default=0, help="Compute threads (0: engine default).")
 @click.option("--stats", is_flag=True, help="Print prefill/decode speed, time to first token, KV bytes (stderr).")
@@ -42,14 +46,16 @@ def _parse_ids(text: str) -> list[int]:
 def run(artifact: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens: int, temperature: float,
         top_k: int, top_p: float, min_p: float, repetition_penalty: float, seed: int | None,
         stop_strings: tuple[str, ...], stop_token_ids: tuple[int, ...], ignore_eos: bool, chat: bool,
-        system: str | None, on_overflow: str, device: str, threads: int, stats: bool, as_json: bool) -> None:
+        system: str | None, on_overflow: str, sink_tokens: int, device: str, threads: int, stats: bool,
+        as_json: bool) -> None:
     """Generate text with a compiled ARTIFACT (see `kvc compile`)."""
-    from kvc.runtime.generate import OverflowPolicy
+    from kvc.runtime.generate import Overflow, OverflowPolicy
     from kvc.runtime.model import LoadOptions, load
     from kvc.runtime.sampling import SamplingParams
 
     if (prompt is None) == (prompt_ids is None):
         raise GenerationError("give exactly one of --prompt TEXT (or '-' for stdin) and --prompt-ids 1,2,3")
+    overflow = Overflow(OverflowPolicy(on_overflow), sink_tokens=sink_tokens)  # checked before loading
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repetition_penalty=repetition_penalty, seed=seed, max_new_tokens=max_new_tokens,
                             stop_strings=stop_strings, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
@@ -59,7 +65,6 @@ def run(artifact: Path, prompt: str | None, prompt_ids: str | None, max_new_toke
     else:
         text = sys.stdin.read() if prompt == "-" else prompt
         request = _apply_chat(model, text, system) if chat else text
-    overflow = OverflowPolicy(on_overflow)
     if as_json:
         result = model.generate(request, params, overflow)
         click.echo(json.dumps(result.to_dict()))
