@@ -17,6 +17,10 @@ class Device(str, enum.Enum):
     CUDA = "cuda"
 
 
+NATIVE_CPU = "native"  # LLVM's name for the compiling machine's CPU (AVX2/AVX-512 when it has them)
+GENERIC_CPU = "generic"  # baseline x86-64: runs anywhere, about half the decode speed
+
+
 @dataclass(frozen=True)
 class CompileOptions:
     engine: EngineKind = EngineKind.ORT
@@ -30,6 +34,7 @@ class CompileOptions:
     tune_trials: int = 0
     tuning_db: Optional[Path] = None
     config_path: Optional[Path] = None  # HF config.json for graphs without kvc metadata
+    cpu: str = NATIVE_CPU  # TVM llvm only: "native" (this machine's CPU), "generic" (portable) or an LLVM CPU name
 
     def capacity_for(self, max_position_embeddings: int) -> int:
         return self.max_seq_len if self.max_seq_len is not None else min(max_position_embeddings, 2048)

@@ -7,6 +7,7 @@ Entry functions (all tensors on the device; caches updated in place and returned
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +25,34 @@ PARAMS = "params.safetensors"
 ENTRY_NAMES = ("prefill", "decode")
 
 
-def tvm_target(device: Device) -> tvm.target.Target:
-    if device is Device.CUDA:
-        return tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
-    import os
+def tvm_target(options: CompileOptions) -> tvm.target.Target:
+    from kvc.compiler.tvm.target import TargetKind, TargetSpec
 
-    # MetaSchedule needs the core count in the target; it is also what TVM's threads use.
-    return tvm.target.Target({"kind": "llvm", "num-cores": len(os.sched_getaffinity(0))})
+    if options.device is Device.CUDA:
+        return TargetSpec(TargetKind.CUDA).tvm_target()
+    # MetaSchedule needs the core count in the target; the schedules parallelize over it.
+    return TargetSpec(llvm_cpu=llvm_cpu_name(options.cpu), num_cores=len(os.sched_getaffinity(0))).tvm_target()
+
+
+def llvm_cpu_name(cpu: str) -> str | None:
+    """LLVM's CPU name for --cpu: native -> this machine's, generic -> None (baseline x86-64)."""
+    from kvc.compiler.options import GENERIC_CPU, NATIVE_CPU
+    from kvc.compiler.tvm.target import host_cpu
+
+    if cpu == NATIVE_CPU:
+        return host_cpu()
+    if cpu == GENERIC_CPU:
+        return None
+    if cpu not in _llvm_cpu_names():
+        raise KvcError(f"--cpu {cpu!r} is not a CPU LLVM knows; use native, generic, or a name such as "
+                       f"{host_cpu()!r} (this machine)")
+    return cpu
+
+
+def _llvm_cpu_names() -> set[str]:
+    from tvm.target import codegen
+
+    return set(codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm"})))
 
 
 DECODE_SHAPES = ("input_ids", "position_ids")  # [batch, seq] inputs fixed to seq = 1 in decode
@@ -145,10 +167,12 @@ def relax_pipeline(target: tvm.target.Target):
     from tvm.relax import backend, transform
     from tvm.s_tir import dlight as dl
 
+    from kvc.compiler.tvm.schedules import CpuWeightMatmul
+
     if target.kind.name == "cuda":
         rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
     else:
-        rules = [dl.cpu.GEMV(), dl.cpu.Reduction()]
+        rules = [CpuWeightMatmul(), dl.cpu.GEMV(), dl.cpu.Reduction()]
 
     @tvm.transform.module_pass(opt_level=0)
     def pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -175,7 +199,7 @@ def build_tvm(model: ir.Model, staging: Path, options: CompileOptions, progress=
                        "search crashes serializing workloads (tvm::ffi::ToJSONGraph); build with "
                        "--tune-trials 0 (dlight default schedules)")
     aliases = in_place_aliases(model)
-    target = tvm_target(options.device)
+    target = tvm_target(options)
     # The code generator, not a GPU, is what a CUDA build needs (nvcc compiles without a device).
     if options.device is Device.CUDA and tvm.get_global_func("target.build.cuda", allow_missing=True) is None:
         raise KvcError("this TVM build has no CUDA code generator; use --target cpu or a CUDA-enabled TVM")
@@ -190,7 +214,9 @@ def build_tvm(model: ir.Model, staging: Path, options: CompileOptions, progress=
     inputs = {v.name: _shape(v) for v in model.graph.inputs}
     outputs = {v.name: _shape(v) for v in model.graph.outputs}
     entries = [EntryPoint(name=n, inputs=inputs, outputs=outputs, aliases=aliases) for n in ENTRY_NAMES]
-    return entries, {"lib": lib_name, "params": PARAMS, "target": target.kind.name, "entry_params": entry_params,
+    llvm_cpu = str(target.attrs["mcpu"]) if target.kind.name == "llvm" and "mcpu" in target.attrs else None
+    return entries, {"lib": lib_name, "params": PARAMS, "target": target.kind.name, "llvm_cpu": llvm_cpu,
+                     "entry_params": entry_params,
                      "cache_inputs": [v.name for v in model.graph.inputs if v.name.startswith("past_key_values.")]}
 
 

@@ -15,10 +15,50 @@ _STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16,
             "float8_e4m3fn": np.uint8}
 
 
+# Instruction-set extensions (LLVM feature names); other features of a CPU model are tuning hints.
+_ISA_PREFIXES = ("sse", "ssse", "avx", "fma", "f16c", "bmi", "amx", "vaes", "vpclmulqdq", "gfni", "popcnt",
+                 "lzcnt", "movbe", "sha")
+
+
+def _check_cpu_features(built_for: str) -> None:
+    """Refuse a library built for a CPU whose vector instructions this one lacks (it would crash
+    with an illegal instruction), before it is loaded."""
+    import tvm
+    from tvm.target import codegen
+
+    def isa(cpu: str) -> set[str]:
+        features = codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": cpu}))
+        return {str(f) for f in features if str(f).startswith(_ISA_PREFIXES)}
+
+    here = codegen.llvm_get_system_cpu()
+    missing = sorted(isa(built_for) - isa(here))
+    if missing:
+        raise ArtifactError(f"artifact was compiled for CPU {built_for}; this CPU ({here}) lacks "
+                            f"{', '.join(missing)}; recompile here, or with --cpu generic for any x86-64")
+
+
 @dataclass(frozen=True)
 class TvmEngineOptions:
     device: str = "cpu"
     max_batch: int = 1
+    threads: int = 0  # CPU: 0 = one per core this process may use
+
+
+# TVM's runtime.config_threadpool mode: workers float over the given cores (no pinning).
+_SHARE_ALL_CORES = -3
+
+
+def _configure_threads(threads: int) -> None:
+    """TVM's pool defaults to half the logical CPUs (it assumes two hyperthreads per core), i.e.
+    one thread on a 2-vCPU machine; size it like ONNX Runtime does: one thread per usable core.
+    The pool is process-wide."""
+    import os
+
+    import tvm
+
+    cores = sorted(os.sched_getaffinity(0))
+    count = threads or len(cores)
+    tvm.get_global_func("runtime.config_threadpool")(_SHARE_ALL_CORES, count, [str(c) for c in cores])
 
 
 class TvmEngine:
@@ -34,7 +74,11 @@ class TvmEngine:
         if options.device == "cuda" and eo["target"] != "cuda" or options.device == "cpu" and eo["target"] != "llvm":
             raise ArtifactError(f"artifact was compiled for {eo['target']}, not {options.device}; "
                                 "recompile with the matching --target")
+        if eo.get("llvm_cpu"):
+            _check_cpu_features(eo["llvm_cpu"])
         self.device = tvm.cuda(0) if options.device == "cuda" else tvm.cpu(0)
+        if options.device == "cpu":
+            _configure_threads(options.threads)
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(root / eo["lib"])), self.device)
         weights = {name: tvm.runtime.tensor(value, self.device)
                    for name, value in load_file(str(root / eo["params"])).items()}  # one copy, shared

@@ -29,14 +29,17 @@ class TargetSpec:
     cuda_arch: str = "sm_90"  # CUDA only
     llvm_opt_level: int | None = None  # LLVM only; None = LLVM's default (-O3)
     llvm_cpu: str | None = None  # LLVM only; None = generic x86-64 (portable); host_cpu() for this machine
+    num_cores: int | None = None  # LLVM only; MetaSchedule requires it in the target
 
     def tvm_target(self) -> tvm.target.Target:
         if self.kind is TargetKind.CUDA:
             if not cuda_codegen_available():
                 raise KvcError("this TVM build has no CUDA code generator; install a CUDA-enabled apache-tvm "
                                "or compile for llvm")
-            return tvm.target.Target({"kind": "cuda", "arch": self.cuda_arch})
+            return tvm.target.Target({"kind": "cuda", "arch": self.cuda_arch}, host={"kind": "llvm"})
         attrs = {"kind": "llvm"}
+        if self.num_cores is not None:
+            attrs["num-cores"] = self.num_cores
         if self.llvm_opt_level is not None:
             attrs["opt-level"] = self.llvm_opt_level
         if self.llvm_cpu is not None:

@@ -31,11 +31,14 @@ KV_DTYPES = ["fp32", "fp16", "bf16", "int8", "fp8"]
               help="MetaSchedule trials for the hot kernels (TVM engine).")
 @click.option("--tuning-db", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Reuse a MetaSchedule database (an artifact's tuning/ directory).")
+@click.option("--cpu", default="native", show_default=True,
+              help="TVM on CPU: 'native' builds for this machine's CPU (its vector units; the artifact then "
+                   "refuses to load on another CPU model), 'generic' for any x86-64, or an LLVM CPU name.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def compile_(model: Path, output: Path | None, engine: str, device: str, max_seq_len: int | None, kv_dtype: str,
              kv_scales: Path | None, sliding_window: int | None, config_path: Path | None,
              dump_passes: Path | None, verify: bool, tune_trials: int, tuning_db: Path | None,
-             overwrite: bool) -> None:
+             cpu: str, overwrite: bool) -> None:
     """Compile MODEL (ONNX with past key/values) into an artifact with an in-place ring-buffer KV cache."""
     from kvc.compiler.options import CompileOptions, Device, EngineKind
     from kvc.compiler.pipeline import compile_model
@@ -43,7 +46,7 @@ def compile_(model: Path, output: Path | None, engine: str, device: str, max_seq
     options = CompileOptions(engine=EngineKind(engine), device=Device(device), max_seq_len=max_seq_len,
                              kv_dtype=kv_dtype, kv_scales=kv_scales, sliding_window=sliding_window,
                              dump_passes=dump_passes, verify=verify, tune_trials=tune_trials,
-                             tuning_db=tuning_db, config_path=config_path)
+                             tuning_db=tuning_db, config_path=config_path, cpu=cpu)
     output = output or model.with_suffix(".kvc")
     result = compile_model(model, output, options, overwrite=overwrite, progress=click.echo)
     cache = result.manifest.cache

@@ -95,3 +95,61 @@ def test_cuda_engine_matches_ort_cpu(compiled):
     worst = max(float(np.abs(a - b).max()) for a, b in
                 zip(logits_trace(ort_model, prompt, tokens), logits_trace(cuda_model, prompt, tokens)))
     assert worst <= 1e-3, f"max |cuda - ort cpu| = {worst:.2e}"
+
+
+def test_default_build_is_for_this_cpu_and_generic_builds_agree(compiled, exported, tmp_path):
+    from kvc.compiler.options import CompileOptions, EngineKind
+    from kvc.compiler.pipeline import compile_model
+    from kvc.compiler.tvm.target import host_cpu
+
+    native = load(compiled("tiny", capacity=32, engine="tvm"))
+    assert native.manifest.engine_options["llvm_cpu"] == host_cpu()
+    _, _, onnx_path = exported("tiny")
+    compile_model(onnx_path, tmp_path / "generic.kvc", CompileOptions(engine=EngineKind.TVM, max_seq_len=32,
+                                                                     cpu="generic"), progress=lambda *_: None)
+    generic = load(tmp_path / "generic.kvc")
+    assert generic.manifest.engine_options["llvm_cpu"] is None
+    prompt = [2, 7, 1, 8]
+    for a, b in zip(logits_trace(native, prompt, [5, 9, 11]), logits_trace(generic, prompt, [5, 9, 11])):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+
+
+def test_unknown_cpu_name_is_refused_before_anything_is_written(exported, tmp_path):
+    from kvc.compiler.options import CompileOptions, EngineKind
+    from kvc.compiler.pipeline import compile_model
+    from kvc.errors import KvcError
+
+    _, _, onnx_path = exported("tiny")
+    with pytest.raises(KvcError, match="--cpu 'pentium9' is not a CPU LLVM knows"):
+        compile_model(onnx_path, tmp_path / "t.kvc", CompileOptions(engine=EngineKind.TVM, max_seq_len=32,
+                                                                   cpu="pentium9"), progress=lambda *_: None)
+    assert not (tmp_path / "t.kvc").exists()
+
+
+def test_library_for_a_cpu_with_more_vector_instructions_is_refused():
+    import tvm
+    from tvm.target import codegen
+
+    from kvc.errors import ArtifactError
+    from kvc.runtime.tvm_engine import _check_cpu_features
+
+    _check_cpu_features(codegen.llvm_get_system_cpu())  # this machine's own CPU is always fine
+    _check_cpu_features("x86-64")
+    here = {str(f) for f in codegen.llvm_get_cpu_features(
+        tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}))}
+    if "avx512f" in here:
+        pytest.skip("this CPU has AVX-512: no well-known CPU with more vector instructions to test against")
+    with pytest.raises(ArtifactError, match="lacks .*avx512f.*--cpu generic"):
+        _check_cpu_features("sapphirerapids")
+
+
+@pytest.mark.parametrize("threads", [1, 0])
+def test_thread_pool_follows_load_options(compiled, threads):
+    import os
+
+    import tvm
+
+    from kvc.runtime.model import LoadOptions, load as load_with_options
+
+    load_with_options(compiled("tiny", capacity=32, engine="tvm"), LoadOptions(threads=threads))
+    assert tvm.get_global_func("runtime.NumThreads")() == (threads or len(os.sched_getaffinity(0)))

@@ -116,9 +116,20 @@ def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
                             for j in T.serial(T.int64(D // LANES)):
                                 for lane in T.vectorized(T.int64(LANES)):
                                     dot[lane] = dot[lane] + q_local[g, j * LANES + lane] * kv_local[j * LANES + lane]
-                            p[0] = _mask_value(spec, mask, b, start + t)
-                            for lane in T.serial(T.int64(LANES)):
-                                p[0] = p[0] + dot[lane]
+                            # Pairwise (tree) sum of the lanes: log2(LANES) vector adds instead of a
+                            # chain of LANES dependent scalar adds, the kernel's former bottleneck.
+                            if LANES >= 16:
+                                for lane in T.vectorized(T.int64(8)):
+                                    dot[lane] = dot[lane] + dot[lane + 8]
+                            if LANES >= 8:
+                                for lane in T.vectorized(T.int64(4)):
+                                    dot[lane] = dot[lane] + dot[lane + 4]
+                            if LANES >= 4:
+                                for lane in T.vectorized(T.int64(2)):
+                                    dot[lane] = dot[lane] + dot[lane + 2]
+                            if LANES >= 2:
+                                dot[0] = dot[0] + dot[1]
+                            p[0] = _mask_value(spec, mask, b, start + t) + dot[0]
                             scores[g, t] = p[0]
                             m[g] = T.max(m[g], p[0])
                 for t in T.serial(T.int64(CH)):
