@@ -17,6 +17,7 @@ from tvm import relax
 
 from kvc.compiler.options import CompileOptions, Device
 from kvc.compiler.ort_build import in_place_aliases
+from kvc.compiler.tvm.decode_fusion import fuse_decode, rename_global_vars
 from kvc.errors import KvcError
 from kvc.runtime.artifact import EntryPoint
 
@@ -76,7 +77,7 @@ def import_entry_points(model: ir.Model, target_kind: str = "llvm") -> tuple[tvm
     # decode's kernels join the module (identical ones are shared); its calls are re-pointed.
     renamed = {gv: bb.add_func(func, "decode_" + gv.name_hint)
                for gv, func in decode_mod.functions.items() if gv.name_hint != "main"}
-    decode = _rename_global_vars(decode_mod["main"], renamed)
+    decode = rename_global_vars(decode_mod["main"], renamed)
     bb.add_func(decode.without_attr("params").with_attr("global_symbol", "decode"), "decode")
     return bb.get(), entry_params, weights
 
@@ -148,22 +149,11 @@ def _import(proto, target_kind: str) -> tvm.IRModule:
     return relax.transform.DeadCodeElimination()(mod)
 
 
-def _rename_global_vars(func: relax.Function, mapping: dict) -> relax.Function:
-    from tvm.relax.expr_functor import PyExprMutator, mutator
-
-    @mutator
-    class Rename(PyExprMutator):
-        def visit_global_var_(self, op):  # noqa: N802 - TVM's visitor naming
-            return mapping.get(op, op)
-
-    return Rename().visit_expr(func)
-
-
 def relax_pipeline(target: tvm.target.Target):
     """TVM's default build steps with dlight schedules applied after legalization: GEMV and
     reductions on the CPU (the decode step's hot loops), matmul/GEMV/reduction rules plus a
-    thread-binding fallback on CUDA. No operator fusion: FuseOps loses the definition of the
-    data-dependent query length in prefill (TVM 0.27 then fails in VMShapeLower)."""
+    thread-binding fallback on CUDA. Only decode is fused (kvc.compiler.tvm.decode_fusion): FuseOps
+    loses the definition of prefill's data-dependent query length (VMShapeLower then fails)."""
     from tvm.relax import backend, transform
     from tvm.s_tir import dlight as dl
 
@@ -179,7 +169,7 @@ def relax_pipeline(target: tvm.target.Target):
         with target:
             return tvm.transform.Sequential([
                 backend.DispatchSampling(), backend.DispatchSortScan(), transform.LegalizeOps(),
-                dl.ApplyDefaultSchedule(*rules),
+                _fuse_decode_pass, dl.ApplyDefaultSchedule(*rules),
                 transform.RewriteDataflowReshape(), transform.ToNonDataflow(), transform.RemovePurityChecking(),
                 transform.CallTIRRewrite(), transform.StaticPlanBlockMemory(), transform.LowerAllocTensor(),
                 transform.KillAfterLastUse(), transform.LowerRuntimeBuiltin(), transform.ComputePrimValue(),
@@ -187,6 +177,11 @@ def relax_pipeline(target: tvm.target.Target):
             ])(mod)
 
     return pipeline
+
+
+@tvm.transform.module_pass(opt_level=0, name="KvcFuseDecode")
+def _fuse_decode_pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    return fuse_decode(mod, "decode")
 
 
 def build_tvm(model: ir.Model, staging: Path, options: CompileOptions, progress=print) -> tuple[list[EntryPoint], dict]:

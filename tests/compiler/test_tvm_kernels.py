@@ -309,3 +309,23 @@ def test_decode_attention_spec_rejects_inconsistent_settings():
         DecodeAttentionSpec(4, 2, 16, cache_dtype="int8")
     with pytest.raises(KvcError, match="needs no scales"):
         DecodeAttentionSpec(4, 2, 16, scale_layout=ScaleLayout.PER_HEAD)
+
+
+def test_fast_exp_matches_float64_exp_and_handles_infinities(rng):
+    import tvm
+    from tvm import te
+
+    from kvc.compiler.tvm.kernels.fast_math import exp_f32
+
+    x = np.concatenate([rng.uniform(-90, 89, 1 << 16).astype(np.float32),
+                        np.array([-np.inf, np.inf, 0.0, -3.4e38, 88.0, -87.0], np.float32)])
+    a = te.placeholder((x.size,), "float32", name="a")
+    func = te.create_prim_func([a, te.compute(a.shape, lambda i: exp_f32(a[i]), name="e")])
+    out = tvm.runtime.tensor(np.zeros_like(x))
+    tvm.compile(func, target=tvm.target.Target({"kind": "llvm"}))(tvm.runtime.tensor(x), out)
+    got, want = out.numpy().astype(np.float64), np.exp(x.astype(np.float64))
+    normal = (x > -87.3) & (x < 88.3)
+    assert np.max(np.abs(got[normal] - want[normal]) / want[normal]) < 2e-7
+    assert np.all(got[x < -88.4] == 0)  # -inf included: masked scores weigh exactly nothing
+    assert got[x == 0][0] == 1.0
+    assert np.isfinite(got[x == np.inf][0]) and got[x == np.inf][0] > 1e38

@@ -11,7 +11,8 @@ they may hold anything, NaN included), plus an optional additive mask. Two kerne
   merge    for every (batch, head): rescales the chunks to the global max and normalizes.
 A head with no visible slot (length 0, or every score -inf) outputs zeros, like ONNX's Attention.
 
-Cache dtypes and scales: kvc.compiler.tvm.kernels.kv_read. Scores and accumulators are float32.
+Cache dtypes and scales: kvc.compiler.tvm.kernels.kv_read. Scores and accumulators are float32;
+exp is kvc.compiler.tvm.kernels.fast_math.exp_f32 (vectorized, ~1e-7 relative error).
 
 Legend: B batch, H query heads, K kv heads, G = H / K, C capacity (slots), D head size, N chunks.
 """
@@ -24,6 +25,7 @@ import numpy as np
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
+from kvc.compiler.tvm.kernels.fast_math import exp_f32
 from kvc.compiler.tvm.kernels.kv_read import ScaleLayout, check_cache, scale_shape, slot_loader, vector_lanes
 from kvc.compiler.tvm.target import CPU_ONLY_ATTR
 from kvc.errors import KvcError
@@ -63,6 +65,7 @@ def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
     """(q, k, v, lengths, k_scale, v_scale, mask) -> (acc [B,H,N,D], max [B,H,N], sum [B,H,N])."""
     H, K, D, G, CH = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.group_size, spec.chunk_size
     LANES = vector_lanes(D)
+    SUM_LANES = next(n for n in (8, 4, 2, 1) if CH % n == 0)
     cache_dtype, q_dtype = spec.cache_dtype, spec.query_dtype
     sm_scale = spec.scale
     load = slot_loader(spec.cache_dtype, spec.scale_layout)
@@ -94,6 +97,7 @@ def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
                 s = T.sblock_alloc_buffer((G,), "float32")
                 p = T.sblock_alloc_buffer((1,), "float32")
                 dot = T.sblock_alloc_buffer((LANES,), "float32")
+                part = T.sblock_alloc_buffer((SUM_LANES,), "float32")
                 acc = T.sblock_alloc_buffer((G, D), "float32")
                 b: T.let[T.int64] = work // (K * N)
                 kh: T.let[T.int64] = work // N % K
@@ -132,16 +136,27 @@ def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
                             p[0] = _mask_value(spec, mask, b, start + t) + dot[0]
                             scores[g, t] = p[0]
                             m[g] = T.max(m[g], p[0])
+                # The chunk's softmax weights, vectorized over its slots (exp_f32 vectorizes, T.exp
+                # would be one libm call per slot and head); a head with nothing visible gets zeros.
+                for g in T.serial(T.int64(G)):
+                    p[0] = T.if_then_else(m[g] == T.float32(NEG_INF), T.float32(0), m[g])
+                    for t in T.vectorized(T.int64(CH)):
+                        scores[g, t] = T.if_then_else(t < valid, exp_f32(scores[g, t] - p[0]), T.float32(0))
+                    for lane in T.vectorized(T.int64(SUM_LANES)):
+                        part[lane] = T.float32(0)
+                    for j in T.serial(T.int64(CH // SUM_LANES)):
+                        for lane in T.vectorized(T.int64(SUM_LANES)):
+                            part[lane] = part[lane] + scores[g, j * SUM_LANES + lane]
+                    s[g] = T.float32(0)
+                    for lane in T.serial(T.int64(SUM_LANES)):
+                        s[g] = s[g] + part[lane]
                 for t in T.serial(T.int64(CH)):
                     if t < valid:
                         for d in T.vectorized(T.int64(D)):
                             kv_local[d] = load(VC, VS, b, kh, start + t, d)
                         for g in T.serial(T.int64(G)):
-                            p[0] = T.if_then_else(m[g] == T.float32(NEG_INF), T.float32(0),
-                                                  T.exp(scores[g, t] - m[g]))
-                            s[g] = s[g] + p[0]
                             for d in T.vectorized(T.int64(D)):
-                                acc[g, d] = acc[g, d] + p[0] * kv_local[d]
+                                acc[g, d] = acc[g, d] + scores[g, t] * kv_local[d]
                 for g in T.serial(T.int64(G)):
                     max_out[b, kh * G + g, c] = m[g]
                     sum_out[b, kh * G + g, c] = s[g]

@@ -20,6 +20,7 @@ import numpy as np
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
+from kvc.compiler.tvm.kernels.fast_math import exp_f32
 from kvc.compiler.tvm.kernels.kv_read import ScaleLayout, check_cache, scale_shape, slot_loader, vector_lanes
 from kvc.compiler.tvm.target import CPU_ONLY_ATTR
 from kvc.errors import KvcError
@@ -119,10 +120,18 @@ def prefill_kernel(spec: PrefillAttentionSpec) -> tirx.PrimFunc:
                                         for lane in T.vectorized(T.int64(LANES)):
                                             dot[lane] = dot[lane] + q_local[g * TS + i, j * LANES + lane] \
                                                 * kv_local[j * LANES + lane]
-                                    x[0] = _bias(spec, mask, b, s0 + i, start + t, n_valid, S)
-                                    for lane in T.serial(T.int64(LANES)):
-                                        x[0] = x[0] + dot[lane]
-                                    scores[g * TS + i, t] = x[0]
+                                    if LANES >= 16:  # tree sum of the lanes (see decode_attention)
+                                        for lane in T.vectorized(T.int64(8)):
+                                            dot[lane] = dot[lane] + dot[lane + 8]
+                                    if LANES >= 8:
+                                        for lane in T.vectorized(T.int64(4)):
+                                            dot[lane] = dot[lane] + dot[lane + 4]
+                                    if LANES >= 4:
+                                        for lane in T.vectorized(T.int64(2)):
+                                            dot[lane] = dot[lane] + dot[lane + 2]
+                                    if LANES >= 2:
+                                        dot[0] = dot[0] + dot[1]
+                                    scores[g * TS + i, t] = _bias(spec, mask, b, s0 + i, start + t, n_valid, S) + dot[0]
                     for r in T.serial(T.int64(R)):  # online softmax: fold this chunk into row r
                         if r % TS < rows:
                             x[0] = m[r]
@@ -135,10 +144,11 @@ def prefill_kernel(spec: PrefillAttentionSpec) -> tirx.PrimFunc:
                                 total[r] = total[r] * x[1]
                                 for d in T.vectorized(T.int64(D)):
                                     acc[r, d] = acc[r, d] * x[1]
+                                for t in T.vectorized(T.int64(CH)):  # exp_f32 vectorizes, T.exp would not
+                                    scores[r, t] = T.if_then_else(t < valid, exp_f32(scores[r, t] - x[0]),
+                                                                  T.float32(0))
                                 for t in T.serial(T.int64(CH)):
-                                    if t < valid:
-                                        scores[r, t] = T.exp(scores[r, t] - x[0])
-                                        total[r] = total[r] + scores[r, t]
+                                    total[r] = total[r] + scores[r, t]
                             else:
                                 for t in T.serial(T.int64(CH)):
                                     scores[r, t] = T.float32(0)

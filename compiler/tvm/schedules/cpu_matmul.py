@@ -44,6 +44,7 @@ class WeightMatmul:
     red_loop: object  # k
     cols: int  # extent of n
     many_rows: bool  # rows depend on a symbolic dim besides the leading one (prefill's seq)
+    epilogues: list  # elementwise blocks after the matmul (activation, residual add), in order
 
 
 class CpuWeightMatmul(ScheduleRule):
@@ -62,14 +63,17 @@ class CpuWeightMatmul(ScheduleRule):
         found = _match(sch)
         if found is None:
             return None
-        _schedule(sch, found, self.prefill if found.many_rows else self.decode)
+        try:
+            _schedule(sch, found, self.prefill if found.many_rows else self.decode)
+        except s_tir.ScheduleError:  # an epilogue that cannot be inlined into the tile's store
+            return None
         return sch
 
 
 def _match(sch: s_tir.Schedule) -> WeightMatmul | None:
     infos = analysis.normalize_prim_func(sch)
-    if infos is None or len(infos) != 1:
-        return None
+    if not infos or not all(e.is_injective() for e in infos[1:]):
+        return None  # anything but a matmul followed by elementwise epilogues (decode's fused kernels)
     info = infos[0]
     kinds = "".join(it.kind for it in info.iters)
     if len(kinds) < 2 or kinds[:-1] != "S" * (len(kinds) - 1) or kinds[-1] != "R":
@@ -96,7 +100,8 @@ def _match(sch: s_tir.Schedule) -> WeightMatmul | None:
         static_rows *= e if isinstance(e, int) else 1
     many_rows = len(symbolic_rows) > 1 or static_rows > 1
     loops = [it.loop_rv for it in info.iters]
-    return WeightMatmul(info.block_rv, loops[:-2], loops[-2], loops[-1], info.iters[-2].dom, many_rows)
+    return WeightMatmul(info.block_rv, loops[:-2], loops[-2], loops[-1], info.iters[-2].dom, many_rows,
+                        [e.block_rv for e in infos[1:]])
 
 
 def _is_multiply_add(block) -> bool:
@@ -146,6 +151,11 @@ def _schedule(sch: s_tir.Schedule, m: WeightMatmul, tiles: MatmulTiles) -> None:
     accumulate = sch.cache_write(m.block, 0, "local")  # the register tile
     sch.reverse_compute_at(accumulate, work)
     sch.vectorize(sch.get_loops(accumulate)[-1])
+    if m.epilogues:  # one elementwise expression applied as the register tile is stored
+        *inner, last = m.epilogues
+        for block in inner:
+            sch.compute_inline(block)
+        sch.reverse_compute_inline(last)
     sch.unroll(row_inner)
     vectors, lanes = sch.split(col_inner, [None, tiles.lanes])
     sch.unroll(vectors)
