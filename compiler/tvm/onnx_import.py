@@ -63,6 +63,7 @@ class KvcGraphImporter(tvm_onnx.ONNXGraphImporter):
         self._kvc_options = options
         self._producer = {name: node for node in graph.node for name in node.output}
         self._current_node: onnx.NodeProto | None = None
+        self._shared: dict = {}  # NodeContext.shared
 
     def _construct_nodes(self, graph: onnx.GraphProto) -> None:
         """TVM's node loop, one node at a time, after giving shape values to ops that need tensors.
@@ -116,7 +117,8 @@ class KvcGraphImporter(tvm_onnx.ONNXGraphImporter):
             producers = tuple(self._producer_of(name) for name in node.input)
         options = self._kvc_options
         return NodeContext(producers=producers, attention_kernels=options.uses_attention_kernels,
-                           kernel_chunk_size=options.kernel_chunk_size, prefill_query_tile=options.prefill_query_tile)
+                           kernel_chunk_size=options.kernel_chunk_size, prefill_query_tile=options.prefill_query_tile,
+                           shared=self._shared)
 
     def _producer_of(self, name: str) -> Producer | None:
         node = self._producer.get(name)

@@ -1,7 +1,7 @@
 """Small helpers shared by the converters: static/symbolic shapes, dtypes, scalar constants."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -31,6 +31,9 @@ class NodeContext:
     attention_kernels: bool  # kvc's TIR attention kernels may be used (llvm builds)
     kernel_chunk_size: int
     prefill_query_tile: int
+    # One dict for the whole import: expressions a converter emitted that other nodes may reuse
+    # (keyed by the converter; e.g. RotaryEmbedding's per-token cos/sin rows, the same in every layer).
+    shared: dict = field(default_factory=dict, compare=False)
 
     def producer(self, index: int) -> Producer | None:
         return self.producers[index] if index < len(self.producers) else None

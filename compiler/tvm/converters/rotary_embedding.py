@@ -10,7 +10,7 @@ from __future__ import annotations
 from tvm import relax
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-from kvc.compiler.tvm.converters.common import shape_of, static_dim
+from kvc.compiler.tvm.converters.common import CONTEXT_KEY, shape_of, static_dim
 from kvc.errors import GraphError
 
 OP = "RotaryEmbedding"
@@ -44,7 +44,7 @@ def _rotate(bb, x, cos, sin, position_ids, attr: dict, head_axis: int) -> relax.
     if rotary_dim % 2 or rotary_dim > head_dim:
         raise GraphError(f"{OP}: rotary_embedding_dim={rotary_dim} must be even and at most the head size {head_dim}")
     half = rotary_dim // 2
-    cos_BSR, sin_BSR = (bb.normalize(_per_token(c, position_ids)) for c in (cos, sin))
+    cos_BSR, sin_BSR = (_per_token_once(bb, c, position_ids, attr.get(CONTEXT_KEY)) for c in (cos, sin))
     if static_dim(shape_of(cos_BSR, OP)[-1], OP, "the cache width") != half:
         raise GraphError(f"{OP}: cos/sin caches have {shape_of(cos_BSR, OP)[-1]} columns, "
                          f"rotary_embedding_dim/2 = {half} expected")
@@ -64,6 +64,18 @@ def _rotate(bb, x, cos, sin, position_ids, attr: dict, head_axis: int) -> relax.
     if rotary_dim == head_dim:
         return rotated
     return op.concat([rotated, _slice_last(x, rotary_dim, head_dim, axis=3)], axis=3)
+
+
+def _per_token_once(bb, cache: relax.Expr, position_ids: relax.Expr | None, context) -> relax.Expr:
+    """_per_token, emitted once per import: every layer gathers the same rows (one shared cache,
+    one position_ids), which would otherwise be 4 small kernels per layer in each decode step."""
+    if position_ids is None or context is None:
+        return bb.normalize(_per_token(cache, position_ids))
+    gathered = context.shared.setdefault(OP, {})
+    key = (cache, position_ids)
+    if key not in gathered:
+        gathered[key] = bb.emit(_per_token(cache, position_ids))
+    return gathered[key]
 
 
 def _per_token(cache: relax.Expr, position_ids: relax.Expr | None) -> relax.Expr:
