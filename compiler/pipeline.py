@@ -28,6 +28,8 @@ def compile_model(onnx_path: Path, output: Path, options: CompileOptions, overwr
                   progress=print) -> CompileResult:
     from kvc.passes.graph_checks import load_model_checked
 
+    if options.engine is EngineKind.ORT and (options.tune_trials or options.tuning_db is not None):
+        raise KvcError("--tune-trials and --tuning-db tune the TVM engine's kernels; add --engine tvm")
     model = load_model_checked(onnx_path)
     config, config_source = model_config_for(model, options.config_path)
     capacity = options.capacity_for(config.max_position_embeddings)

@@ -2,8 +2,11 @@
 -> lib/<target>.so + params.safetensors.
 
 Entry functions (all tensors on the device; caches updated in place and returned):
-  prefill(input_ids [b, seq], position_ids [b, seq], past_len [b], caches..., weights...)
-  decode (input_ids [b, 1],   position_ids [b, 1],   past_len [b], caches..., weights...)
+  prefill  (input_ids [b, seq], position_ids [b, seq], past_len [b], caches..., weights...)
+  decode   (input_ids [b, 1],   position_ids [b, 1],   past_len [b], caches..., weights...)
+  decode_b1(input_ids [1, 1],   position_ids [1, 1],   past_len [1], caches[1, ...]..., weights...)
+decode_b1 has only static shapes: fewer shape computations per step, and the kernels MetaSchedule
+can tune (--tune-trials).
 """
 from __future__ import annotations
 
@@ -18,12 +21,13 @@ from tvm import relax
 from kvc.compiler.options import CompileOptions, Device
 from kvc.compiler.ort_build import in_place_aliases
 from kvc.compiler.tvm.decode_fusion import fuse_decode, rename_global_vars
+from kvc.compiler.tvm.tuning import TUNING_DIR
 from kvc.errors import KvcError
 from kvc.runtime.artifact import EntryPoint
 
 LIB_DIR = "lib"
 PARAMS = "params.safetensors"
-ENTRY_NAMES = ("prefill", "decode")
+ENTRY_NAMES = ("prefill", "decode", "decode_b1")
 
 
 def tvm_target(options: CompileOptions) -> tvm.target.Target:
@@ -57,28 +61,31 @@ def _llvm_cpu_names() -> set[str]:
 
 
 DECODE_SHAPES = ("input_ids", "position_ids")  # [batch, seq] inputs fixed to seq = 1 in decode
+SINGLE_ROW_DECODE = "decode_b1"  # decode with every shape static (batch 1): MetaSchedule can tune it
 
 
 def import_entry_points(model: ir.Model, target_kind: str = "llvm") -> tuple[tvm.IRModule, dict[str, list[str]], dict[str, np.ndarray]]:
-    """Relax module with `prefill` (symbolic seq) and `decode` (seq = 1, so GEMV schedules apply);
-    each entry's weight parameter names (shared weights appear in both) and all weight values."""
+    """Relax module with `prefill` (symbolic seq), `decode` (seq = 1, so GEMV schedules apply) and
+    `decode_b1` (seq = 1 and batch = 1: static shapes, the common single-request step); each
+    entry's weight parameter names (the entries share one weight set) and all weight values."""
     from kvc.passes.reshape_to_static import ReshapeToStaticPass
 
     ReshapeToStaticPass()(model)  # TVM's importer needs reshape targets without shape arithmetic
     _scatter_in_cache_dtype(model)
     prefill_mod = _import(ir.to_proto(model), target_kind)
-    decode_mod = _import(ir.to_proto(_specialize_seq_1(model)), target_kind)
     weights: dict[str, np.ndarray] = {}
-    entry_params = {"prefill": _take_weights(prefill_mod["main"], weights),
-                    "decode": _take_weights(decode_mod["main"], weights)}
+    entry_params = {"prefill": _take_weights(prefill_mod["main"], weights)}
     bb = relax.BlockBuilder(tvm.IRModule({gv: f for gv, f in prefill_mod.functions.items()
                                           if gv.name_hint != "main"}))
     bb.add_func(prefill_mod["main"].without_attr("params").with_attr("global_symbol", "prefill"), "prefill")
-    # decode's kernels join the module (identical ones are shared); its calls are re-pointed.
-    renamed = {gv: bb.add_func(func, "decode_" + gv.name_hint)
-               for gv, func in decode_mod.functions.items() if gv.name_hint != "main"}
-    decode = rename_global_vars(decode_mod["main"], renamed)
-    bb.add_func(decode.without_attr("params").with_attr("global_symbol", "decode"), "decode")
+    for entry, batch in (("decode", None), (SINGLE_ROW_DECODE, 1)):
+        mod = _import(ir.to_proto(_specialize_decode(model, batch)), target_kind)
+        entry_params[entry] = _take_weights(mod["main"], weights)
+        # the entry's kernels join the module (identical ones are shared); its calls are re-pointed
+        renamed = {gv: bb.add_func(func, f"{entry}_{gv.name_hint}")
+                   for gv, func in mod.functions.items() if gv.name_hint != "main"}
+        main = rename_global_vars(mod["main"], renamed)
+        bb.add_func(main.without_attr("params").with_attr("global_symbol", entry), entry)
     return bb.get(), entry_params, weights
 
 
@@ -121,15 +128,21 @@ def _take_weights(func: relax.Function, weights: dict[str, np.ndarray]) -> list[
     return [v.name for v in weight_vars]
 
 
-def _specialize_seq_1(model: ir.Model) -> ir.Model:
-    """A copy of the graph for one new token per call, with the shape arithmetic that seq = 1
-    makes constant folded away (e.g. the query offsets Range(0, seq) of the ring mask)."""
+def _specialize_decode(model: ir.Model, batch: int | None) -> ir.Model:
+    """A copy of the graph for one new token per call (and ``batch`` rows if given), with the
+    shape arithmetic this makes constant folded away (e.g. the ring mask's Range(0, seq))."""
     import onnxscript.optimizer
 
     decode = ir.from_proto(ir.to_proto(model))
     for value in decode.graph.inputs:
+        if value.shape is None:
+            continue
+        dims = list(value.shape)
         if value.name in DECODE_SHAPES:
-            value.shape = ir.Shape([value.shape[0], 1])
+            dims[1] = 1
+        if batch is not None and dims:
+            dims[0] = batch
+        value.shape = ir.Shape(dims)
     onnxscript.optimizer.optimize(decode, num_iterations=2)
     return decode
 
@@ -149,27 +162,36 @@ def _import(proto, target_kind: str) -> tvm.IRModule:
     return relax.transform.DeadCodeElimination()(mod)
 
 
-def relax_pipeline(target: tvm.target.Target):
-    """TVM's default build steps with dlight schedules applied after legalization: GEMV and
-    reductions on the CPU (the decode step's hot loops), matmul/GEMV/reduction rules plus a
-    thread-binding fallback on CUDA. Only decode is fused (kvc.compiler.tvm.decode_fusion): FuseOps
-    loses the definition of prefill's data-dependent query length (VMShapeLower then fails)."""
+def lowering_steps() -> list:
+    """Legalization and decode fusion: the module MetaSchedule tunes and dlight schedules."""
     from tvm.relax import backend, transform
+
+    return [backend.DispatchSampling(), backend.DispatchSortScan(), transform.LegalizeOps(), _fuse_decode_pass]
+
+
+def relax_pipeline(target: tvm.target.Target, database=None):
+    """TVM's default build steps with dlight schedules applied after legalization: kvc's weight
+    matmul rule, GEMV and reductions on the CPU, matmul/GEMV/reduction rules plus a thread-binding
+    fallback on CUDA; kernels in the MetaSchedule ``database`` get their tuned schedule first.
+    Only decode is fused (kvc.compiler.tvm.decode_fusion): FuseOps loses the definition of
+    prefill's data-dependent query length (VMShapeLower then fails)."""
+    from tvm.relax import transform
     from tvm.s_tir import dlight as dl
 
     from kvc.compiler.tvm.schedules import CpuWeightMatmul
+    from kvc.compiler.tvm.tuning import apply_database_pass
 
     if target.kind.name == "cuda":
         rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
     else:
         rules = [CpuWeightMatmul(), dl.cpu.GEMV(), dl.cpu.Reduction()]
+    tuned = [apply_database_pass(database)] if database is not None else []
 
     @tvm.transform.module_pass(opt_level=0)
     def pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
             return tvm.transform.Sequential([
-                backend.DispatchSampling(), backend.DispatchSortScan(), transform.LegalizeOps(),
-                _fuse_decode_pass, dl.ApplyDefaultSchedule(*rules),
+                *lowering_steps(), *tuned, dl.ApplyDefaultSchedule(*rules),
                 transform.RewriteDataflowReshape(), transform.ToNonDataflow(), transform.RemovePurityChecking(),
                 transform.CallTIRRewrite(), transform.StaticPlanBlockMemory(), transform.LowerAllocTensor(),
                 transform.KillAfterLastUse(), transform.LowerRuntimeBuiltin(), transform.ComputePrimValue(),
@@ -181,26 +203,23 @@ def relax_pipeline(target: tvm.target.Target):
 
 @tvm.transform.module_pass(opt_level=0, name="KvcFuseDecode")
 def _fuse_decode_pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    return fuse_decode(mod, "decode")
+    for entry in ("decode", SINGLE_ROW_DECODE):
+        mod = fuse_decode(mod, entry)
+    return mod
 
 
 def build_tvm(model: ir.Model, staging: Path, options: CompileOptions, progress=print) -> tuple[list[EntryPoint], dict]:
     from safetensors.numpy import save_file
 
-    if options.tune_trials > 0 or options.tuning_db is not None:
-        # Checked on this TVM: tune_tir on a 64x64 matmul segfaults in tvm::ffi::ToJSONGraph (JSON
-        # and in-memory databases alike), so tuning would crash the compiler. Refuse clearly instead.
-        raise KvcError(f"MetaSchedule autotuning is not available with apache-tvm {tvm.__version__}: its "
-                       "search crashes serializing workloads (tvm::ffi::ToJSONGraph); build with "
-                       "--tune-trials 0 (dlight default schedules)")
     aliases = in_place_aliases(model)
     target = tvm_target(options)
     # The code generator, not a GPU, is what a CUDA build needs (nvcc compiles without a device).
     if options.device is Device.CUDA and tvm.get_global_func("target.build.cuda", allow_missing=True) is None:
         raise KvcError("this TVM build has no CUDA code generator; use --target cpu or a CUDA-enabled TVM")
     mod, entry_params, weights = import_entry_points(model, target.kind.name)
-    progress(f"tvm: building {' and '.join(ENTRY_NAMES)} for {target.kind.name}")
-    executable = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
+    database = _tune(mod, target, staging, options, progress)
+    progress(f"tvm: building {', '.join(ENTRY_NAMES)} for {target.kind.name}")
+    executable = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target, database))
     (staging / LIB_DIR).mkdir()
     lib_name = f"{LIB_DIR}/{target.kind.name}.so"
     executable.export_library(str(staging / lib_name))
@@ -211,8 +230,24 @@ def build_tvm(model: ir.Model, staging: Path, options: CompileOptions, progress=
     entries = [EntryPoint(name=n, inputs=inputs, outputs=outputs, aliases=aliases) for n in ENTRY_NAMES]
     llvm_cpu = str(target.attrs["mcpu"]) if target.kind.name == "llvm" and "mcpu" in target.attrs else None
     return entries, {"lib": lib_name, "params": PARAMS, "target": target.kind.name, "llvm_cpu": llvm_cpu,
-                     "entry_params": entry_params,
+                     "entry_params": entry_params, "tuning": TUNING_DIR if database is not None else None,
                      "cache_inputs": [v.name for v in model.graph.inputs if v.name.startswith("past_key_values.")]}
+
+
+def _tune(mod: tvm.IRModule, target: tvm.target.Target, staging: Path, options: CompileOptions, progress):
+    """The MetaSchedule database to build with (tuned now and/or reused), or None when not asked."""
+    from kvc.compiler.tvm.tuning import TuningRequest, hot_kernels, open_database, tune
+
+    if options.tune_trials == 0 and options.tuning_db is None:
+        return None
+    if target.kind.name != "llvm":
+        raise KvcError("MetaSchedule tuning is implemented for --target cpu only; build CUDA with --tune-trials 0")
+    database = open_database(staging, TuningRequest(options.tune_trials, options.tuning_db))
+    if options.tune_trials > 0:
+        with target:
+            lowered = tvm.transform.Sequential(lowering_steps())(mod)
+        tune(hot_kernels(lowered, SINGLE_ROW_DECODE), target, database, options.tune_trials, progress)
+    return database
 
 
 def _shape(value: ir.Value) -> list:

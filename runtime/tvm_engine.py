@@ -37,6 +37,9 @@ def _check_cpu_features(built_for: str) -> None:
                             f"{', '.join(missing)}; recompile here, or with --cpu generic for any x86-64")
 
 
+SINGLE_ROW_DECODE = "decode_b1"  # kvc.compiler.tvm_build.SINGLE_ROW_DECODE
+
+
 @dataclass(frozen=True)
 class TvmEngineOptions:
     device: str = "cpu"
@@ -109,6 +112,8 @@ class TvmEngine:
         check_step_inputs(self, input_ids, position_ids, past_len)
         tensor = self._tvm.runtime.tensor
         entry = "decode" if input_ids.shape[1] == 1 else "prefill"
+        if entry == "decode" and input_ids.shape[0] == 1 and SINGLE_ROW_DECODE in self.entry_params:
+            entry = SINGLE_ROW_DECODE  # all shapes static: the tunable, leaner step
         caches = self._views(input_ids.shape[0])
         out = self.vm[entry](tensor(np.ascontiguousarray(input_ids, np.int64), self.device),
                              tensor(np.ascontiguousarray(position_ids, np.int64), self.device),

@@ -28,9 +28,11 @@ KV_DTYPES = ["fp32", "fp16", "bf16", "int8", "fp8"]
               help="Write the graph after each pass into this directory.")
 @click.option("--verify", is_flag=True, help="Run ONNX Runtime before/after each pass and report max |diff|.")
 @click.option("--tune-trials", type=click.IntRange(min=0), default=0, show_default=True,
-              help="MetaSchedule trials for the hot kernels (TVM engine).")
+              help="TVM on CPU: MetaSchedule trials (in all) for the decode step's weight matmuls; the "
+                   "database goes into the artifact's tuning/ directory. 0: kvc's default schedules.")
 @click.option("--tuning-db", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Reuse a MetaSchedule database (an artifact's tuning/ directory).")
+              help="Start from (and with --tune-trials 0 only apply) an artifact's tuning/ directory; "
+                   "it is copied, not modified.")
 @click.option("--cpu", default="native", show_default=True,
               help="TVM on CPU: 'native' builds for this machine's CPU (its vector units; the artifact then "
                    "refuses to load on another CPU model), 'generic' for any x86-64, or an LLVM CPU name.")

@@ -70,6 +70,11 @@ class CpuWeightMatmul(ScheduleRule):
         return sch
 
 
+def is_weight_matmul(func: tirx.PrimFunc) -> bool:
+    """Whether ``func`` is X @ W[k, n] (plus elementwise epilogues), the kernels this rule schedules."""
+    return _match(s_tir.Schedule(func)) is not None
+
+
 def _match(sch: s_tir.Schedule) -> WeightMatmul | None:
     infos = analysis.normalize_prim_func(sch)
     if not infos or not all(e.is_injective() for e in infos[1:]):

@@ -1,0 +1,127 @@
+"""MetaSchedule autotuning of the decode step's weight matmuls (`kvc compile --tune-trials N`).
+
+Tuned: the kernels `decode_b1` calls that multiply by a weight matrix (with their fused epilogues),
+the decode step's hot loops. decode_b1 has static shapes (batch 1, one token), which MetaSchedule
+needs; kvc's own attention kernels are already scheduled and are not tuned. The database (JSON,
+MetaSchedule's format) goes into the artifact's tuning/ directory; `--tuning-db DIR` starts from
+one (it is copied, never modified) and with `--tune-trials 0` only applies it.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+from tvm import tirx
+
+from kvc.errors import KvcError
+
+TUNING_DIR = "tuning"
+DB_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
+@dataclass(frozen=True)
+class TuningRequest:
+    trials: int  # MetaSchedule's global trial budget over all tuned kernels
+    reuse: Path | None  # a tuning/ directory of an earlier artifact
+
+
+def hot_kernels(mod: tvm.IRModule, entry: str) -> tvm.IRModule:
+    """The weight-matmul PrimFuncs ``entry`` calls, with static shapes, as their own module."""
+    from tvm import relax
+
+    from kvc.compiler.tvm.schedules.cpu_matmul import is_weight_matmul
+
+    found = {}
+    for gv in relax.analysis.all_global_vars(mod[entry]):
+        func = mod[gv]
+        if isinstance(func, tirx.PrimFunc) and _static(func) and is_weight_matmul(func):
+            found[gv.name_hint] = func
+    return tvm.IRModule(found)
+
+
+def _static(func: tirx.PrimFunc) -> bool:
+    return all(isinstance(d, tirx.IntImm) for p in func.params if hasattr(p, "shape") and p.shape is not None
+               for d in p.shape)
+
+
+def open_database(staging: Path, request: TuningRequest):
+    """The artifact's JSON database, seeded from ``request.reuse``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    work = staging / TUNING_DIR
+    work.mkdir()
+    if request.reuse is not None:
+        missing = [f for f in DB_FILES if not (request.reuse / f).is_file()]
+        if missing:
+            raise KvcError(f"--tuning-db {request.reuse} has no {', '.join(missing)}; pass an artifact's "
+                           f"{TUNING_DIR}/ directory")
+        for name in DB_FILES:
+            shutil.copyfile(request.reuse / name, work / name)
+    return ms.database.JSONDatabase(*(str(work / name) for name in DB_FILES), allow_missing=True)
+
+
+def tune(kernels: tvm.IRModule, target: tvm.target.Target, database, trials: int, progress=print) -> None:
+    """Run MetaSchedule on ``kernels``, recording the best schedules in ``database``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if trials <= 0 or not kernels.functions:
+        return
+    names = sorted(gv.name_hint for gv in kernels.functions)
+    progress(f"tvm: tuning {len(names)} decode kernels with MetaSchedule, {trials} trials in all "
+             f"(MetaSchedule's per-task table follows)")
+    with tempfile.TemporaryDirectory(prefix="kvc-tune-") as work:  # logs and builds stay out of the artifact
+        ms.tir_integration.tune_tir(kernels, target, work, max_trials_global=trials,
+                                    num_trials_per_iter=min(64, max(trials // len(names), 2)),
+                                    builder=_in_process_builder(), cost_model=_cost_model(progress),
+                                    database=database, seed=0)
+    progress(f"tvm: tuning done: {len(database.get_all_tuning_records())} measured schedules in the database")
+
+
+def _cost_model(progress) -> str:
+    """MetaSchedule's XGBoost cost model when xgboost is installed (`pip install kvc[tune]`),
+    else random ranking of candidates (the search still measures every candidate it keeps)."""
+    import importlib.util
+
+    if importlib.util.find_spec("xgboost") is not None:
+        return "xgb"
+    progress("tvm: xgboost is not installed: MetaSchedule ranks candidates at random "
+             "(pip install xgboost for its learned cost model)")
+    return "random"
+
+
+def _in_process_builder():
+    """MetaSchedule's LocalBuilder starts a fresh worker process for every batch of candidates, and
+    each imports tvm.s_tir.tensor_intrin first: 30-60 s on a 2-core machine, over its 30 s build
+    timeout, so every build failed. These kernels are small: build them in this process."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):
+        def build(self, build_inputs):
+            results = []
+            for item in build_inputs:
+                try:
+                    results.append(BuilderResult(default_export(default_build(item.mod, item.target, None)), None))
+                except Exception as error:  # noqa: BLE001 - a failed candidate is a result, not a crash
+                    results.append(BuilderResult(None, f"{type(error).__name__}: {error}"))
+            return results
+
+    return InProcessBuilder()
+
+
+def apply_database_pass(database):
+    """A pass replacing every kernel the database has a schedule for by its best schedule (dlight
+    then leaves those alone)."""
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name="KvcApplyTuning")
+    def apply(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with database:
+            return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+
+    return apply
