@@ -34,8 +34,8 @@ KV_DTYPES = ["fp32", "fp16", "bf16", "int8", "fp8"]
               help="Start from (and with --tune-trials 0 only apply) an artifact's tuning/ directory; "
                    "it is copied, not modified.")
 @click.option("--cpu", default="native", show_default=True,
-              help="TVM on CPU: 'native' builds for this machine's CPU (its vector units; the artifact then "
-                   "refuses to load on another CPU model), 'generic' for any x86-64, or an LLVM CPU name.")
+              help="TVM on CPU: 'native' builds for this machine's CPU (its vector units; loading on a CPU "
+                   "without them is refused), 'generic' for any x86-64, or an LLVM CPU name.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def compile_(model: Path, output: Path | None, engine: str, device: str, max_seq_len: int | None, kv_dtype: str,
              kv_scales: Path | None, sliding_window: int | None, config_path: Path | None,

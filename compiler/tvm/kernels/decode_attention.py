@@ -25,7 +25,7 @@ import numpy as np
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
-from kvc.compiler.tvm.kernels.fast_math import exp_f32
+from kvc.compiler.tvm.kernels.fast_math import exp_f32, lane_sum
 from kvc.compiler.tvm.kernels.kv_read import ScaleLayout, check_cache, scale_shape, slot_loader, vector_lanes
 from kvc.compiler.tvm.target import CPU_ONLY_ATTR
 from kvc.errors import KvcError
@@ -66,6 +66,7 @@ def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
     H, K, D, G, CH = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.group_size, spec.chunk_size
     LANES = vector_lanes(D)
     SUM_LANES = next(n for n in (8, 4, 2, 1) if CH % n == 0)
+    sum_lanes = lane_sum(LANES)
     cache_dtype, q_dtype = spec.cache_dtype, spec.query_dtype
     sm_scale = spec.scale
     load = slot_loader(spec.cache_dtype, spec.scale_layout)
@@ -120,19 +121,7 @@ def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
                             for j in T.serial(T.int64(D // LANES)):
                                 for lane in T.vectorized(T.int64(LANES)):
                                     dot[lane] = dot[lane] + q_local[g, j * LANES + lane] * kv_local[j * LANES + lane]
-                            # Pairwise (tree) sum of the lanes: log2(LANES) vector adds instead of a
-                            # chain of LANES dependent scalar adds, the kernel's former bottleneck.
-                            if LANES >= 16:
-                                for lane in T.vectorized(T.int64(8)):
-                                    dot[lane] = dot[lane] + dot[lane + 8]
-                            if LANES >= 8:
-                                for lane in T.vectorized(T.int64(4)):
-                                    dot[lane] = dot[lane] + dot[lane + 4]
-                            if LANES >= 4:
-                                for lane in T.vectorized(T.int64(2)):
-                                    dot[lane] = dot[lane] + dot[lane + 2]
-                            if LANES >= 2:
-                                dot[0] = dot[0] + dot[1]
+                            sum_lanes(dot)
                             p[0] = _mask_value(spec, mask, b, start + t) + dot[0]
                             scores[g, t] = p[0]
                             m[g] = T.max(m[g], p[0])

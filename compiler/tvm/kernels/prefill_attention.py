@@ -20,7 +20,7 @@ import numpy as np
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
-from kvc.compiler.tvm.kernels.fast_math import exp_f32
+from kvc.compiler.tvm.kernels.fast_math import exp_f32, lane_sum
 from kvc.compiler.tvm.kernels.kv_read import ScaleLayout, check_cache, scale_shape, slot_loader, vector_lanes
 from kvc.compiler.tvm.target import CPU_ONLY_ATTR
 from kvc.errors import KvcError
@@ -62,6 +62,7 @@ def prefill_kernel(spec: PrefillAttentionSpec) -> tirx.PrimFunc:
     """(q [B,H,S,D], k, v [B,K,C,D], lengths [B], k_scale, v_scale, mask) -> out [B, H, S, D]."""
     H, K, D, G = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.group_size
     TS, CH, LANES = spec.query_tile, spec.chunk_size, vector_lanes(spec.head_dim)
+    sum_lanes = lane_sum(LANES)
     R = G * TS  # rows per task: query head g, query i -> row g * TS + i
     cache_dtype, q_dtype, sm_scale = spec.cache_dtype, spec.query_dtype, spec.scale
     load = slot_loader(spec.cache_dtype, spec.scale_layout)
@@ -120,17 +121,7 @@ def prefill_kernel(spec: PrefillAttentionSpec) -> tirx.PrimFunc:
                                         for lane in T.vectorized(T.int64(LANES)):
                                             dot[lane] = dot[lane] + q_local[g * TS + i, j * LANES + lane] \
                                                 * kv_local[j * LANES + lane]
-                                    if LANES >= 16:  # tree sum of the lanes (see decode_attention)
-                                        for lane in T.vectorized(T.int64(8)):
-                                            dot[lane] = dot[lane] + dot[lane + 8]
-                                    if LANES >= 8:
-                                        for lane in T.vectorized(T.int64(4)):
-                                            dot[lane] = dot[lane] + dot[lane + 4]
-                                    if LANES >= 4:
-                                        for lane in T.vectorized(T.int64(2)):
-                                            dot[lane] = dot[lane] + dot[lane + 2]
-                                    if LANES >= 2:
-                                        dot[0] = dot[0] + dot[1]
+                                    sum_lanes(dot)
                                     scores[g * TS + i, t] = _bias(spec, mask, b, s0 + i, start + t, n_valid, S) + dot[0]
                     for r in T.serial(T.int64(R)):  # online softmax: fold this chunk into row r
                         if r % TS < rows:
