@@ -27,7 +27,8 @@ from kvc.runtime.artifact import EntryPoint
 
 LIB_DIR = "lib"
 PARAMS = "params.safetensors"
-ENTRY_NAMES = ("prefill", "decode", "decode_b1")
+SINGLE_ROW_DECODE = "decode_b1"  # decode with every shape static (batch 1): MetaSchedule can tune it
+ENTRY_NAMES = ("prefill", "decode", SINGLE_ROW_DECODE)
 
 
 def tvm_target(options: CompileOptions) -> tvm.target.Target:
@@ -61,7 +62,6 @@ def _llvm_cpu_names() -> set[str]:
 
 
 DECODE_SHAPES = ("input_ids", "position_ids")  # [batch, seq] inputs fixed to seq = 1 in decode
-SINGLE_ROW_DECODE = "decode_b1"  # decode with every shape static (batch 1): MetaSchedule can tune it
 
 
 def import_entry_points(model: ir.Model, target_kind: str = "llvm") -> tuple[tvm.IRModule, dict[str, list[str]], dict[str, np.ndarray]]:

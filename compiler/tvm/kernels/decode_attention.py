@@ -18,7 +18,6 @@ Legend: B batch, H query heads, K kv heads, G = H / K, C capacity (slots), D hea
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +25,8 @@ from tvm import relax, tirx
 from tvm.script import tirx as T
 
 from kvc.compiler.tvm.kernels.fast_math import exp_f32, lane_sum
-from kvc.compiler.tvm.kernels.kv_read import ScaleLayout, check_cache, scale_shape, slot_loader, vector_lanes
+from kvc.compiler.tvm.kernels.kv_read import ScaleLayout, scale_shape, slot_loader, vector_lanes
+from kvc.compiler.tvm.kernels.spec import AttentionKernelSpec
 from kvc.compiler.tvm.target import CPU_ONLY_ATTR
 from kvc.errors import KvcError
 
@@ -34,31 +34,13 @@ NEG_INF = float("-inf")
 
 
 @dataclass(frozen=True)
-class DecodeAttentionSpec:
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    cache_dtype: str = "float32"
-    scale_layout: ScaleLayout = ScaleLayout.NONE
-    query_dtype: str = "float32"
-    has_mask: bool = False
-    chunk_size: int = 64
-    softmax_scale: float | None = None  # None: 1 / sqrt(head_dim)
+class DecodeAttentionSpec(AttentionKernelSpec):
+    kernel_name = "decode attention"
 
     def __post_init__(self):
-        if self.num_heads % self.num_kv_heads:
-            raise KvcError(f"{self.num_heads} query heads are not a multiple of {self.num_kv_heads} kv heads")
-        check_cache("decode attention", self.cache_dtype, self.scale_layout, self.query_dtype)
+        super().__post_init__()
         if self.chunk_size <= 0:
             raise KvcError("decode attention: chunk_size must be positive")
-
-    @property
-    def group_size(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
-    @property
-    def scale(self) -> float:
-        return self.softmax_scale if self.softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
 
 
 def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
