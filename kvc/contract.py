@@ -1,0 +1,145 @@
+"""The KV/artifact contract: every name and enum that passes, builds, engines, plan and bench share.
+
+Standard library only, so the CLI, the runtime and the planner can import it without pulling in
+onnx, onnxruntime, torch or TVM. No other module spells these strings; it imports them from here
+(tests/test_contract.py checks).
+
+Graph I/O of a compiled (ring-buffer) graph, described in full in kvc.passes.kv_layout:
+  inputs   input_ids [B, S] int64, position_ids [B, S] int64, past_len [B] int64,
+           past_key_values.{i}.key/.value [B, kv_heads, C, head_dim] (cache dtype),
+           past_key_values.{i}.key_scale/.value_scale [B, kv_heads, C, 1] float32 (per-token scales)
+  outputs  logits [B, S, vocab], present.{i}.* aliasing the matching past_key_values.{i}.*
+"""
+from __future__ import annotations
+
+import enum
+import re
+
+# --- graph I/O names ------------------------------------------------------------------------
+INPUT_IDS = "input_ids"
+POSITION_IDS = "position_ids"
+ATTENTION_MASK = "attention_mask"  # the concat (export) form's input; the ring graph has none
+PAST_LEN = "past_len"
+LOGITS = "logits"
+BATCH_DIM = "batch"
+
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+SCALE_SUFFIX = "_scale"
+KINDS = ("key", "value")
+
+PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+PRESENT_RE = re.compile(r"^present\.(\d+)\.(key|value)$")
+PAST_ANY_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)(_scale)?$")
+PRESENT_ANY_RE = re.compile(r"^present\.(\d+)\.(key|value)(_scale)?$")
+
+
+def past_name(layer: int, kind: str) -> str:
+    return f"{PAST_PREFIX}{layer}.{kind}"
+
+
+def present_name(layer: int, kind: str) -> str:
+    return f"{PRESENT_PREFIX}{layer}.{kind}"
+
+
+def past_scale_name(layer: int, kind: str) -> str:
+    return past_name(layer, kind) + SCALE_SUFFIX
+
+
+def present_scale_name(layer: int, kind: str) -> str:
+    return present_name(layer, kind) + SCALE_SUFFIX
+
+
+def is_past(name: str) -> bool:
+    """A cache input (tensor or scale ring)."""
+    return PAST_ANY_RE.match(name) is not None
+
+
+def is_scale(name: str) -> bool:
+    return name.endswith(SCALE_SUFFIX)
+
+
+def present_for(past: str) -> str:
+    """present.{i}.{kind}[_scale] for past_key_values.{i}.{kind}[_scale]."""
+    if not is_past(past):
+        raise ValueError(f"{past!r} is not a cache input name")
+    return PRESENT_PREFIX + past[len(PAST_PREFIX):]
+
+
+def past_for(present: str) -> str:
+    if PRESENT_ANY_RE.match(present) is None:
+        raise ValueError(f"{present!r} is not a cache output name")
+    return PAST_PREFIX + present[len(PRESENT_PREFIX):]
+
+
+# --- graph metadata keys (metadata_props) -----------------------------------------------------
+MODEL_CONFIG_KEY = "kvc.model_config"  # ModelConfig.to_dict() as JSON, written by kvc export
+LAYOUT_KEY = "kvc.kv_layout"  # KvCacheLayout as JSON, written by the ring-buffer pass
+GENERATION_KEY = "kvc.generation"  # generation defaults (eos, bos, chat template) as JSON
+
+
+# --- cache storage --------------------------------------------------------------------------
+class KvDtype(str, enum.Enum):
+    """Storage type of the KV cache."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"  # symmetric, one float32 scale per token per kv head
+    FP8 = "fp8"  # float8 E4M3 (fn), static per-head or dynamic per-token per-head scales
+
+    @property
+    def bytes_per_element(self) -> int:
+        return _BYTES[self]
+
+    @property
+    def tvm_dtype(self) -> str:
+        """TVM / DLPack dtype name of the cache tensor."""
+        return _TVM_DTYPES[self]
+
+    @property
+    def onnx_type(self) -> str:
+        """ONNX Runtime's type string of the cache tensor (NodeArg.type)."""
+        return _ORT_TYPES[self]
+
+    @property
+    def quantized(self) -> bool:
+        return self in (KvDtype.INT8, KvDtype.FP8)
+
+
+_BYTES = {KvDtype.FP32: 4, KvDtype.FP16: 2, KvDtype.BF16: 2, KvDtype.INT8: 1, KvDtype.FP8: 1}
+_TVM_DTYPES = {KvDtype.FP32: "float32", KvDtype.FP16: "float16", KvDtype.BF16: "bfloat16",
+               KvDtype.INT8: "int8", KvDtype.FP8: "float8_e4m3fn"}
+_ORT_TYPES = {KvDtype.FP32: "tensor(float)", KvDtype.FP16: "tensor(float16)",
+              KvDtype.BF16: "tensor(bfloat16)", KvDtype.INT8: "tensor(int8)",
+              KvDtype.FP8: "tensor(float8e4m3fn)"}
+KV_DTYPE_NAMES = tuple(d.value for d in KvDtype)
+SCALE_TVM_DTYPE = "float32"  # per-token scale rings
+
+
+class ScaleKind(str, enum.Enum):
+    NONE = "none"  # fp32 / fp16 / bf16
+    PER_TOKEN = "per_token"  # [batch, kv_heads, C, 1] float32 rings beside the cache (I/O)
+    STATIC_PER_HEAD = "static_per_head"  # constants in the graph, one per layer and kv head
+
+
+class CacheLayoutKind(str, enum.Enum):
+    RING = "ring"  # fixed-capacity in-place ring buffer [batch, kv_heads, C, head_dim]
+
+
+# --- artifact --------------------------------------------------------------------------------
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class EngineKind(str, enum.Enum):
+    ORT = "ort"  # ONNX Runtime: optimized graph + in-place IO binding
+    TVM = "tvm"  # Apache TVM: Relax + own TIR kernels -> lib/<target>.so
+
+
+class Entry(str, enum.Enum):
+    """Entry points of a compiled model (TVM functions; the ORT graph serves all of them)."""
+
+    PREFILL = "prefill"  # any number of tokens per row
+    DECODE = "decode"  # one token per row, any batch
+    DECODE_B1 = "decode_b1"  # one token, batch 1, every shape static (TVM; MetaSchedule can tune it)
