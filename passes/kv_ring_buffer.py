@@ -37,6 +37,10 @@ from kvc.passes.kv_layout import (
 
 RING_OPSET = 24  # TensorScatter and Attention's nonpad_kv_seqlen
 DROPPED_ATTENTION_ATTRS = ("is_causal",)  # causality now lives in the ring mask
+RING_INITIALIZER_PREFIX = "kvc_ring."
+# The two constants that carry the capacity C; engine lowering may replace them (lower_ort_live_slots).
+CAPACITY_INITIALIZER = RING_INITIALIZER_PREFIX + "capacity"  # scalar int64 C
+SLOTS_INITIALIZER = RING_INITIALIZER_PREFIX + "slots"  # arange(C) int64
 
 __all__ = ["KvRingBufferPass", "RingBufferOptions", "resolve_sliding_window"]
 
@@ -203,7 +207,7 @@ def _constant_maker(tape: ir.tape.Tape):
 
     def const(name: str, array: np.ndarray) -> ir.Value:
         if name not in made:
-            made[name] = tape.initializer(ir.tensor(array, name=f"kvc_ring.{name}"))
+            made[name] = tape.initializer(ir.tensor(array, name=RING_INITIALIZER_PREFIX + name))
         return made[name]
     return const
 
