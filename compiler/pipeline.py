@@ -13,7 +13,7 @@ from kvc.compiler.options import CompileOptions, EngineKind
 from kvc.errors import KvcError
 from kvc.fsutil import atomic_dir
 from kvc.passes.base import PassReport
-from kvc.passes.pipeline import PipelineOptions, default_passes, run_passes
+from kvc.passes.pipeline import PipelineOptions, default_passes, lowering_passes, run_passes
 from kvc.runtime.artifact import CacheSpec, Manifest
 
 
@@ -42,7 +42,8 @@ def compile_model(onnx_path: Path, output: Path, options: CompileOptions, overwr
         from kvc.compiler.verify import max_abs_diff
 
         verifier = max_abs_diff
-    reports = run_passes(model, default_passes(pipeline), options.dump_passes, verifier)
+    passes = default_passes(pipeline) + lowering_passes(options.engine.value)
+    reports = run_passes(model, passes, options.dump_passes, verifier)
     for r in reports:
         progress(_format_report(r))
     cache = _cache_spec(model)

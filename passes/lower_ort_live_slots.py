@@ -34,6 +34,7 @@ TOKEN_AXIS = 2
 
 class LowerOrtLiveSlotsPass(KvcPass):
     name = "lower_ort_live_slots"
+    changes_io = True  # cache dims become symbolic: --verify cannot feed both graphs the same inputs
 
     def apply(self, model: ir.Model) -> PassReport:
         graph = model.graph

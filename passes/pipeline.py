@@ -36,6 +36,15 @@ def default_passes(options: PipelineOptions) -> list[KvcPass]:
     return passes
 
 
+def lowering_passes(engine: str) -> list[KvcPass]:
+    """Engine-specific lowering ("ort" | "tvm"), run after the neutral passes by the same runner."""
+    if engine == "ort":
+        from kvc.passes.lower_ort_live_slots import LowerOrtLiveSlotsPass
+
+        return [LowerOrtLiveSlotsPass()]
+    return []
+
+
 Verifier = Callable[[ir.Model, ir.Model], float]
 
 

@@ -18,6 +18,7 @@ from onnx import TensorProto
 from kvc.errors import ArtifactError
 from kvc.runtime.artifact import Manifest
 from kvc.runtime.engine import check_step_inputs
+from kvc.runtime.live_slots import slots_for
 
 # ONNX element type (as ORT names it) -> (numpy storage dtype of the host buffer, ONNX type id).
 # bfloat16 and float8 have no numpy dtype: their bytes live in uint16/uint8 buffers that ORT reads
@@ -63,9 +64,13 @@ class OrtEngine:
         entry = manifest.entry_points[0]
         self.aliases = dict(entry.aliases)  # present.* -> past_key_values.*
         self.cache_inputs = list(self.aliases.values())
+        # Lowered graphs: bound slots follow the live context (kvc.runtime.live_slots); others: all C.
+        self.live_slots = self._has_symbolic_slots()
+        self.slots = slots_for(1, self.capacity) if self.live_slots else self.capacity
         self.caches = self._allocate_caches()
 
     def _allocate_caches(self) -> dict[str, np.ndarray]:
+        """Zeroed cache buffers of ``self.slots`` slots (zero bytes are 0.0 in every cache dtype)."""
         inputs = {i.name: i for i in self.session.get_inputs()}
         caches = {}
         self._onnx_types = {}
@@ -75,14 +80,34 @@ class OrtEngine:
                 raise ArtifactError(f"cache input {name} has type {meta.type}, which the ORT engine does not "
                                     "support; recompile with another --kv-dtype")
             storage, onnx_type = _CACHE_TYPES[meta.type]
-            shape = [self.max_batch] + [int(d) for d in meta.shape[1:]]
-            caches[name] = np.zeros(shape, dtype=storage)  # zero bytes are 0.0 in every cache dtype
+            caches[name] = np.zeros([self.max_batch, int(meta.shape[1]), self.slots, int(meta.shape[3])], storage)
             self._onnx_types[name] = onnx_type
         return caches
+
+    def _has_symbolic_slots(self) -> bool:
+        """True for graphs lowered by lower_ort_live_slots; others have the capacity as a static dim."""
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        return all(not isinstance(inputs[n].shape[2], int) for n in self.cache_inputs)
+
+    def _resize(self, slots: int) -> None:
+        """Rebind the caches with ``slots`` slots, keeping every row's first min(old, new) slots."""
+        keep = min(slots, self.slots)
+        old, self.slots = self.caches, slots
+        self.caches = {name: np.zeros(a.shape[:2] + (slots,) + a.shape[3:], a.dtype) for name, a in old.items()}
+        for name, array in self.caches.items():
+            array[:, :, :keep] = old[name][:, :, :keep]
+
+    def _fit_slots(self, needed: int, grow_only: bool = False) -> None:
+        if not self.live_slots:
+            return
+        slots = slots_for(needed, self.capacity)
+        if slots > self.slots or (slots < self.slots and not grow_only):
+            self._resize(slots)
 
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, past_len: np.ndarray) -> np.ndarray:
         check_step_inputs(self, input_ids, position_ids, past_len)
         batch = input_ids.shape[0]
+        self._fit_slots(int(past_len.max()) + input_ids.shape[1])
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
@@ -98,11 +123,15 @@ class OrtEngine:
         return binding.get_outputs()[0].numpy()
 
     def read_slots(self, row: int, length: int) -> list[np.ndarray]:
+        if length > self.slots:
+            raise ValueError(f"{length} slots requested, only {self.slots} are bound (nothing was written there)")
         return [self.caches[n][row, :, :length].copy() for n in self.cache_inputs]
 
     def write_slots(self, row: int, tensors: list[np.ndarray]) -> None:
+        self._fit_slots(max(t.shape[1] for t in tensors), grow_only=True)
         for name, t in zip(self.cache_inputs, tensors):
             self.caches[name][row, :, : t.shape[1]] = t
 
     def cache_nbytes(self) -> int:
-        return sum(c.nbytes for c in self.caches.values())
+        """Bytes of all cache rows at the full capacity (the most the engine binds)."""
+        return sum(c.nbytes // c.shape[2] * self.capacity for c in self.caches.values())
