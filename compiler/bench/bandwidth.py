@@ -1,17 +1,21 @@
 """Bytes a decode step must move, and the machine's measured memory bandwidth to compare them with.
 
-Decode is bound by memory bandwidth: each step reads every weight the step uses once and the
-whole KV cache written so far. Dividing those bytes by the measured step time and by what a
-plain large memory copy achieves on this machine says how close an engine gets to the floor.
+Decode is bound by memory bandwidth: each step reads every weight the step uses once (for the
+whole batch) and, per row, the live KV cache written so far (never the compiled capacity) in its
+stored dtype, scales included. Those bytes over what a plain large memory copy achieves on this
+machine (measured in the same run) are the floor step time, the roofline; the floor over the
+measured step time is the fraction of the bandwidth an engine reaches.
 """
 from __future__ import annotations
 
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
+from kvc.contract import KvDtype
 from kvc.models.config import Family, ModelConfig
 
 PER_TOKEN_SCALE_BYTES = 4  # int8 / dynamic fp8: one float32 scale per token per kv head, K and V each
@@ -30,10 +34,8 @@ def weight_bytes_per_token(config: ModelConfig, bytes_per_weight: int = 4) -> in
 
 def kv_bytes_per_cached_token(config: ModelConfig, kv_dtype: str, per_token_scales: bool) -> float:
     """Cache bytes one token occupies: K and V, all layers and kv heads, plus their scales."""
-    from kvc.passes.kv_layout import parse_kv_dtype
-
     scale = PER_TOKEN_SCALE_BYTES if per_token_scales else 0
-    per_head_vector = config.resolved_head_dim * parse_kv_dtype(kv_dtype).bytes_per_element + scale
+    per_head_vector = config.resolved_head_dim * KvDtype(kv_dtype).bytes_per_element + scale
     return 2 * config.num_layers * config.num_kv_heads * per_head_vector
 
 
@@ -54,6 +56,21 @@ def decode_bytes_per_step(config: ModelConfig, kv_dtype: str, attended_tokens: f
         per_token_scales = has_per_token_scales(kv_dtype)
     kv = kv_bytes_per_cached_token(config, kv_dtype, per_token_scales)
     return weight_bytes_per_token(config) + batch * attended_tokens * kv
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """The floor of one engine's decode step: bytes per step over the measured bandwidth."""
+
+    weight_bytes: int  # read once per step, whatever the batch
+    kv_bytes_per_token: int  # one row's stored K/V bytes per cached token, scales included
+    bandwidth: float  # measured bytes/s
+
+    def bytes_per_step(self, attended_tokens: float, batch: int) -> float:
+        return self.weight_bytes + batch * attended_tokens * self.kv_bytes_per_token
+
+    def floor_s(self, attended_tokens: float, batch: int) -> float:
+        return self.bytes_per_step(attended_tokens, batch) / self.bandwidth
 
 
 def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5, threads: int = 1) -> float:

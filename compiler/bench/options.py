@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from kvc.contract import KV_DTYPE_NAMES
 from kvc.errors import KvcError
 
-KV_DTYPES = ("fp32", "fp16", "bf16", "int8", "fp8")
+KV_DTYPES = KV_DTYPE_NAMES
 BASELINE_KV_DTYPE = "fp32"  # the concat export (torch, ort-concat) always holds its past in fp32
 
 
@@ -16,16 +17,33 @@ class EngineName(str, enum.Enum):
     KVC_ORT = "kvc-ort"  # kvc artifact, ONNX Runtime engine (ring buffer, in-place IO binding)
     KVC_TVM = "kvc-tvm"  # kvc artifact, TVM engine
     ORT_CONCAT = "ort-concat"  # ONNX Runtime on the plain concat export: past fed back and copied each step
-    TORCH = "torch"  # PyTorch eager on kvc's own model, concat KV, torch.no_grad
+    TORCH_CONCAT = "torch-concat"  # PyTorch eager on kvc's own model, concat KV (torch.cat), torch.no_grad
+    TORCH_STATIC = "torch-static"  # PyTorch eager, static preallocated KV written in place (gpt-fast style)
+    TORCH = "torch-concat"  # alias: `--engines torch` meant the concat baseline before torch-static existed
 
     @property
     def is_kvc(self) -> bool:
         return self in (EngineName.KVC_ORT, EngineName.KVC_TVM)
 
     @property
+    def has_capacity(self) -> bool:
+        """Preallocates its cache for a capacity (so `--capacity` applies to it)."""
+        return self.is_kvc or self is EngineName.TORCH_STATIC
+
+    @property
     def compile_engine(self) -> str:
         """The `kvc compile --engine` value of a kvc engine."""
         return {EngineName.KVC_ORT: "ort", EngineName.KVC_TVM: "tvm"}[self]
+
+
+class FillMode(str, enum.Enum):
+    """How the cache reaches depth `context` before decode is timed."""
+
+    REAL = "real"  # a real prefill of a random `context`-token prompt (minutes at 8192 on 2 cores)
+    SYNTHETIC = "synthetic"  # K/V of a short real prefill, tiled to `context` slots and written straight in
+
+
+ENGINE_ALIASES = {"torch": EngineName.TORCH_CONCAT.value}
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,10 @@ class BenchConfig:
     prefill_chunk: int = 512  # longest prefill call; deeper fills run in chunks of this many tokens
     seed: int = 0  # random-init presets and the random prompt tokens
     work_dir: Optional[Path] = None  # keep exports/artifacts here and reuse them (None: a temporary dir)
+    capacities: tuple[int, ...] = ()  # cache slots of the kvc engines and torch-static (empty: `needed_capacity`)
+    fill: FillMode = FillMode.SYNTHETIC  # how decode timing reaches its depth
+    prefill_contexts: Optional[tuple[int, ...]] = None  # depths whose real prefill is timed (None: all contexts)
+    synthetic_tokens: int = 64  # real prefill length whose K/V a synthetic fill tiles
 
     def __post_init__(self) -> None:
         if not self.contexts or min(self.contexts) < 1:
@@ -56,11 +78,24 @@ class BenchConfig:
             raise KvcError(f"unknown KV-cache dtype(s) {unknown}; choose from {', '.join(KV_DTYPES)}")
         if not self.engines:
             raise KvcError("--engines is empty; choose from " + ", ".join(e.value for e in EngineName))
+        if self.synthetic_tokens < 1:
+            raise KvcError(f"synthetic_tokens must be at least 1, got {self.synthetic_tokens}")
+        small = [c for c in self.capacities if c < self.capacity]
+        if small:
+            raise KvcError(f"--capacity {small[0]} cannot hold the deepest context plus --gen ({self.capacity} "
+                           "tokens); raise it or lower --contexts/--gen")
 
     @property
     def capacity(self) -> int:
-        """Cache slots the kvc engines are compiled with: the deepest context plus the timed steps."""
+        """Cache slots a run needs: the deepest context plus the timed steps (the default capacity)."""
         return max(self.contexts) + self.gen
+
+    @property
+    def resolved_capacities(self) -> tuple[int, ...]:
+        return self.capacities or (self.capacity,)
+
+    def times_prefill_at(self, context: int) -> bool:
+        return self.prefill_contexts is None or context in self.prefill_contexts
 
     @property
     def resolved_prefill_reps(self) -> int:
@@ -105,5 +140,6 @@ def parse_choice_list(text: str, choices: tuple[str, ...], option: str) -> tuple
 
 
 def parse_engines(text: str) -> tuple[EngineName, ...]:
+    text = ",".join(ENGINE_ALIASES.get(t.strip().lower(), t) for t in text.split(","))
     names = parse_choice_list(text, tuple(e.value for e in EngineName), "--engines")
     return tuple(EngineName(n) for n in names)

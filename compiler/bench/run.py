@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from kvc.compiler.bench.bandwidth import measure_bandwidth, weight_bytes_per_token
+from kvc.compiler.bench.bandwidth import Roofline, measure_bandwidth, weight_bytes_per_token
 from kvc.compiler.bench.machine import machine_info
-from kvc.compiler.bench.measure import measure_depth, random_prompt, steps_per_depth
-from kvc.compiler.bench.options import BenchConfig, EngineName
+from kvc.compiler.bench.measure import DepthPlan, measure_depth, random_prompt, steps_per_depth
+from kvc.compiler.bench.options import BenchConfig, EngineName, FillMode
 from kvc.compiler.bench.progress import BenchProgress, NullProgress
 from kvc.compiler.bench.results import Row, RowContext, rows_for_depth
 from kvc.compiler.bench.sources import EngineSlot, plan_source
@@ -52,7 +52,7 @@ def run_bench(source: str, bench: BenchConfig, progress: BenchProgress = NullPro
             bandwidth = measure_bandwidth(threads=threads)
         result = BenchResult(_header(source, target, bench, threads, bandwidth, given),
                              engines=dict(target.unavailable))
-        progress.begin(len(target.slots) * len(bench.contexts) * _steps(bench))
+        progress.begin(len(target.slots) * _steps(bench))
         try:
             for slot in target.slots:
                 result.engines[slot.label] = _bench_slot(slot, target.config, bench, bandwidth, result.rows, progress)
@@ -69,25 +69,25 @@ def _bench_slot(slot: EngineSlot, config, bench: BenchConfig, bandwidth: float, 
     at all (the engine is optional where it cannot build), are recorded as "unavailable: why"
     instead of ending the run; a baseline or kvc-ort failing mid-measurement still raises."""
     progress.describe(f"{slot.label}: building")
-    steps = len(bench.contexts) * _steps(bench)
+    steps = _steps(bench)
     try:
         runner = slot.open()
     except Exception as exc:
         if not slot.engine.is_kvc:
             raise
         return _unavailable(slot, exc, progress, steps)
-    ctx = RowContext(config, slot.engine.value, slot.kv_dtype, slot.per_token_scales, bench.batch, bench.gen,
-                     bandwidth)
+    roofline = Roofline(weight_bytes_per_token(config), runner.kv_bytes_per_token(), bandwidth)
+    ctx = RowContext(slot.engine.value, slot.kv_dtype, bench.batch, bench.gen, slot.capacity, bench.fill.value,
+                     roofline)
     done = 0
     try:
         new_rows = []
         for depth in bench.contexts:
             progress.describe(f"{slot.label} @ {depth}")
             prompt = random_prompt(config.vocab_size, bench.batch, depth, bench.seed)
-            samples = measure_depth(runner, prompt, bench.gen, bench.reps, bench.warmup,
-                                    min(bench.prefill_chunk, depth), bench.resolved_prefill_reps,
-                                    on_step=progress.advance)
-            done += _steps(bench)
+            plan = depth_plan(bench, depth)
+            samples = measure_depth(runner, prompt, plan, on_step=progress.advance)
+            done += steps_per_depth(plan)
             new_rows += rows_for_depth(ctx, depth, samples)
     except Exception as exc:
         if slot.engine is not EngineName.KVC_TVM:
@@ -100,8 +100,15 @@ def _bench_slot(slot: EngineSlot, config, bench: BenchConfig, bandwidth: float, 
     return OK
 
 
+def depth_plan(bench: BenchConfig, depth: int) -> DepthPlan:
+    return DepthPlan(gen=bench.gen, reps=bench.reps, warmup=bench.warmup, chunk=min(bench.prefill_chunk, depth),
+                     prefill_reps=bench.resolved_prefill_reps, fill=bench.fill,
+                     time_prefill=bench.times_prefill_at(depth), synthetic_tokens=bench.synthetic_tokens)
+
+
 def _steps(bench: BenchConfig) -> int:
-    return steps_per_depth(bench.warmup, bench.reps, bench.resolved_prefill_reps)
+    """Progress steps of one engine at every context."""
+    return sum(steps_per_depth(depth_plan(bench, d)) for d in bench.contexts)
 
 
 def _unavailable(slot: EngineSlot, exc: Exception, progress: BenchProgress, steps_left: int) -> str:
@@ -121,19 +128,33 @@ def _header(source: str, target, bench: BenchConfig, threads: int, bandwidth: fl
     return {"machine": machine_info(threads, bandwidth, given),
             "model": {"source": source, "description": target.description, "name": config.name,
                       "parameters": config.num_parameters(), "layers": config.num_layers,
+                      "vocab_size": config.vocab_size,
                       "kv_heads": config.num_kv_heads, "head_dim": config.resolved_head_dim,
                       "weight_bytes_read_per_token": weight_bytes_per_token(config)},
             "settings": {"contexts": list(bench.contexts), "gen": bench.gen, "batch": bench.batch,
                          "reps": bench.reps, "warmup": bench.warmup,
                          "prefill_reps": bench.resolved_prefill_reps, "threads": threads,
-                         "prefill_chunk": bench.prefill_chunk, "capacity": bench.capacity, "seed": bench.seed,
-                         "kv_dtypes": list(bench.kv_dtypes), "engines": [e.value for e in bench.engines]},
-            "method": ("per context: fill an empty cache with a random prompt of `context` tokens in chunks of "
-                       "prefill_chunk; then per repetition rewind to `context` and time `gen` greedy decode steps "
-                       "of one token (decode_ms_per_token = step time; `warmup` untimed first, `reps` timed); "
-                       "prefill_tok_s: `prefill_reps` further fills from an empty cache (0: the first fill). "
-                       "Median and min/max over the timed repetitions. "
-                       "bytes_per_token: weights read per step + KV cache (K and V, all layers, cache dtype "
-                       "incl. scales) at the mean attended length context + (gen+1)/2, per step and batch; "
-                       "bandwidth_fraction: bytes_per_token / median step time / measured bandwidth. "
-                       "torch and ort-concat keep an fp32 concat cache.")}
+                         "prefill_chunk": bench.prefill_chunk, "capacities": list(bench.resolved_capacities),
+                         "seed": bench.seed, "kv_dtypes": list(bench.kv_dtypes),
+                         "engines": [e.value for e in bench.engines], "fill": bench.fill.value,
+                         "synthetic_tokens": bench.synthetic_tokens,
+                         "prefill_contexts": list(bench.prefill_contexts or bench.contexts)},
+            "method": method_text(bench)}
+
+
+def method_text(bench: BenchConfig) -> str:
+    if bench.fill is FillMode.SYNTHETIC:
+        fill = (f"per context: SYNTHETIC fill: a real prefill of the first {bench.synthetic_tokens} tokens of a "
+                "random prompt, its K/V rows (stored dtype, scales included) tiled to `context` slots and written "
+                "straight into the engine's cache, length set to `context`")
+    else:
+        fill = ("per context: REAL fill: prefill an empty cache with a random prompt of `context` tokens in chunks "
+                "of prefill_chunk")
+    return (fill + "; then per repetition rewind to `context` and time `gen` greedy decode steps of one token per "
+            "row (decode_ms_per_token = step time; `warmup` untimed first, `reps` timed); prefill_tok_s: "
+            "`prefill_reps` real prefills from an empty cache at prefill_contexts (0 with a real fill: the first "
+            "fill). Median and min/max over the timed repetitions. bytes_per_token: weights read once per step + "
+            "every row's live KV (K and V, all layers, stored dtype incl. scales, measured from the engine's "
+            "buffers) at the mean attended length context + (gen+1)/2; floor_ms = bytes_per_token / measured "
+            "bandwidth (the roofline); bandwidth_fraction = floor_ms / median step time. torch-concat and "
+            "ort-concat keep an fp32 concat cache; torch-static an fp32 preallocated one.")

@@ -31,10 +31,13 @@ class EngineSlot:
     kv_dtype: str
     open: Callable[[], Runner]
     per_token_scales: bool = False
+    capacity: int | None = None  # preallocated cache slots (None: the concat baselines grow theirs)
+    show_capacity: bool = False  # several capacities compared: the label names this one
 
     @property
     def label(self) -> str:
-        return f"{self.engine.value}/{self.kv_dtype}"
+        tail = f"/c{self.capacity}" if self.show_capacity else ""
+        return f"{self.engine.value}/{self.kv_dtype}{tail}"
 
 
 @dataclass
@@ -78,7 +81,8 @@ def _artifact_target(path: Path, bench: BenchConfig) -> BenchTarget:
     target = BenchTarget(ModelConfig.from_dict(manifest.model), f"artifact {path}")
     target.slots.append(EngineSlot(engine, dtype,
                                    lambda: open_kvc(path, engine, dtype, bench.batch, bench.resolved_threads()),
-                                   per_token_scales=manifest.cache.scales in ("per-token-head", "per_token")))
+                                   per_token_scales=manifest.cache.scales in ("per-token-head", "per_token"),
+                                   capacity=manifest.cache.capacity))
     return target
 
 
@@ -97,21 +101,24 @@ def _onnx_target(path: Path, bench: BenchConfig) -> BenchTarget:
 def _add_slots(target: BenchTarget, bench: BenchConfig, onnx_path: Path, torch_model, build_root: Path,
                note) -> None:
     threads = bench.resolved_threads()
+    capacities = bench.resolved_capacities
+    several = len(capacities) > 1
     for engine in bench.engines:
-        if engine is EngineName.TORCH:
-            if torch_model is None:
-                target.unavailable[f"torch/{BASELINE_KV_DTYPE}"] = (
-                    "unavailable: needs the model source (preset id or checkpoint), not an ONNX file")
-                continue
-            target.slots.append(EngineSlot(engine, BASELINE_KV_DTYPE,
-                                           _opener_torch(torch_model, threads)))
+        if engine in (EngineName.TORCH_CONCAT, EngineName.TORCH_STATIC) and torch_model is None:
+            target.unavailable[f"{engine.value}/{BASELINE_KV_DTYPE}"] = (
+                "unavailable: needs the model source (preset id or checkpoint), not an ONNX file")
+        elif engine is EngineName.TORCH_CONCAT:
+            target.slots.append(EngineSlot(engine, BASELINE_KV_DTYPE, _opener_torch(torch_model, threads)))
+        elif engine is EngineName.TORCH_STATIC:
+            target.slots += [EngineSlot(engine, BASELINE_KV_DTYPE, _opener_torch_static(torch_model, threads, c),
+                                        capacity=c, show_capacity=several) for c in capacities]
         elif engine is EngineName.ORT_CONCAT:
             target.slots.append(EngineSlot(engine, BASELINE_KV_DTYPE, _opener_ort_concat(onnx_path, threads)))
         else:
-            for dtype in bench.kv_dtypes:
-                target.slots.append(EngineSlot(engine, dtype,
-                                               _opener_kvc(onnx_path, engine, dtype, bench, build_root, note),
-                                               per_token_scales=has_per_token_scales(dtype)))
+            target.slots += [EngineSlot(engine, dtype, _opener_kvc(onnx_path, engine, dtype, c, bench, build_root, note),
+                                        per_token_scales=has_per_token_scales(dtype), capacity=c,
+                                        show_capacity=several)
+                             for dtype in bench.kv_dtypes for c in capacities]
 
 
 def _opener_torch(model, threads: int) -> Callable[[], Runner]:
@@ -120,18 +127,24 @@ def _opener_torch(model, threads: int) -> Callable[[], Runner]:
     return lambda: TorchRunner(model, threads)
 
 
+def _opener_torch_static(model, threads: int, capacity: int) -> Callable[[], Runner]:
+    from kvc.compiler.bench.runners import TorchStaticRunner
+
+    return lambda: TorchStaticRunner(model, threads, capacity)
+
+
 def _opener_ort_concat(onnx_path: Path, threads: int) -> Callable[[], Runner]:
     from kvc.compiler.bench.runners import OrtConcatRunner
 
     return lambda: OrtConcatRunner(onnx_path, threads)
 
 
-def _opener_kvc(onnx_path: Path, engine: EngineName, dtype: str, bench: BenchConfig, build_root: Path,
-                note) -> Callable[[], Runner]:
+def _opener_kvc(onnx_path: Path, engine: EngineName, dtype: str, capacity: int, bench: BenchConfig,
+                build_root: Path, note) -> Callable[[], Runner]:
     from kvc.compiler.bench.runners import open_kvc
 
     def open_() -> Runner:
-        artifact = compile_once(onnx_path, engine, dtype, bench.capacity, build_root, note)
+        artifact = compile_once(onnx_path, engine, dtype, capacity, build_root, note)
         return open_kvc(artifact, engine, dtype, bench.batch, bench.resolved_threads())
 
     return open_

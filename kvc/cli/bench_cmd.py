@@ -16,9 +16,21 @@ from kvc.errors import KvcError
 @click.option("--gen", type=int, default=64, show_default=True, help="Decode steps timed per repetition.")
 @click.option("--kv-dtype", "kv_dtypes", default="fp32", show_default=True,
               help="Cache dtypes of the kvc engines, comma-separated: fp32,fp16,bf16,int8,fp8.")
-@click.option("--engines", default="kvc-ort,kvc-tvm,ort-concat,torch", show_default=True,
-              help="Comma-separated; torch and ort-concat always keep an fp32 concat cache.")
-@click.option("--batch", type=int, default=1, show_default=True, help="Sequences decoded together.")
+@click.option("--engines", default="kvc-ort,kvc-tvm,ort-concat,torch-concat,torch-static", show_default=True,
+              help="Comma-separated; torch-concat and ort-concat keep an fp32 concat cache (copied every step), "
+                   "torch-static an fp32 preallocated one written in place (gpt-fast style); torch = torch-concat.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Sequences decoded together, every engine.")
+@click.option("--prefill", "fill", type=click.Choice(["synthetic", "real"]), default="synthetic", show_default=True,
+              help="How decode timing reaches each depth: synthetic (K/V of a short real prefill tiled to the depth "
+                   "and written straight into the cache: seconds at 8192) or real (a full prefill). Rows say which.")
+@click.option("--prefill-contexts", default=None,
+              help="Depths whose real prefill is timed (default: every --contexts depth; prefill at 8192 takes "
+                   "minutes on 2 cores). --prefill-reps 0 with --prefill synthetic times none.")
+@click.option("--synthetic-tokens", type=int, default=64, show_default=True,
+              help="Real prefill length whose K/V a synthetic fill repeats.")
+@click.option("--capacity", "capacities", default=None,
+              help="Cache slots of the kvc engines and torch-static, comma-separated to compare capacities "
+                   "(e.g. 256,32768: each is compiled; default: deepest context + --gen).")
 @click.option("--reps", type=int, default=5, show_default=True, help="Timed decode repetitions per context.")
 @click.option("--warmup", type=int, default=2, show_default=True, help="Untimed decode repetitions first.")
 @click.option("--prefill-reps", type=int, default=None,
@@ -35,13 +47,14 @@ from kvc.errors import KvcError
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="PNG of decode ms/token against context.")
-def bench(source: str, contexts: str, gen: int, kv_dtypes: str, engines: str, batch: int, reps: int, warmup: int,
+def bench(source: str, contexts: str, gen: int, kv_dtypes: str, engines: str, batch: int, fill: str,
+          prefill_contexts: str | None, synthetic_tokens: int, capacities: str | None, reps: int, warmup: int,
           prefill_reps: int | None, threads: int, prefill_chunk: int, seed: int, bandwidth_gbs: float | None,
           work_dir: Path | None, json_path: Path | None, csv_path: Path | None, plot_path: Path | None) -> None:
     """Benchmark SOURCE: an artifact directory (that engine only), a `kvc export` model.onnx, or a model
     source such as a preset id (llama-100m), which is exported and compiled for every engine and dtype."""
     from kvc.compiler.bench import BenchConfig, parse_choice_list, parse_engines, parse_int_list, run_bench
-    from kvc.compiler.bench.options import KV_DTYPES
+    from kvc.compiler.bench.options import KV_DTYPES, FillMode
     from kvc.compiler.bench.progress import progress_for
     from kvc.compiler.bench.report import print_table, write_csv, write_json
 
@@ -51,7 +64,11 @@ def bench(source: str, contexts: str, gen: int, kv_dtypes: str, engines: str, ba
                          kv_dtypes=parse_choice_list(kv_dtypes, KV_DTYPES, "--kv-dtype"),
                          engines=parse_engines(engines), batch=batch, reps=reps, warmup=warmup,
                          prefill_reps=prefill_reps, threads=threads,
-                         prefill_chunk=prefill_chunk, seed=seed, work_dir=work_dir)
+                         prefill_chunk=prefill_chunk, seed=seed, work_dir=work_dir, fill=FillMode(fill),
+                         prefill_contexts=(parse_int_list(prefill_contexts, "--prefill-contexts")
+                                           if prefill_contexts is not None else None),
+                         synthetic_tokens=synthetic_tokens,
+                         capacities=parse_int_list(capacities, "--capacity") if capacities is not None else ())
     bandwidth = bandwidth_gbs * 1e9 if bandwidth_gbs is not None else None
     result = run_bench(source, config, progress_for(sys.stderr), bandwidth=bandwidth)
     print_table(result)

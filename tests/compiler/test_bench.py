@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from kvc.compiler.bench import BenchConfig, EngineName, run_bench
-from kvc.compiler.bench.bandwidth import (decode_bytes_per_step, kv_bytes_per_cached_token, mean_attended_tokens,
+from kvc.compiler.bench.bandwidth import (Roofline, decode_bytes_per_step, kv_bytes_per_cached_token, mean_attended_tokens,
                                           measure_bandwidth, weight_bytes_per_token)
 from kvc.compiler.bench.measure import fill, greedy_decode, random_prompt
-from kvc.compiler.bench.options import parse_int_list
+from kvc.compiler.bench.options import FillMode, parse_engines, parse_int_list
 from kvc.compiler.bench.results import DECODE, PREFILL
 from kvc.compiler.bench.sources import plan_source
 from kvc.errors import KvcError
@@ -62,6 +62,10 @@ def test_bandwidth_probe_is_positive_and_finite():
     assert math.isfinite(value) and value > 0
 
 
+def test_torch_is_the_concat_baselines_old_name():
+    assert parse_engines("torch,torch-static") == (EngineName.TORCH_CONCAT, EngineName.TORCH_STATIC)
+
+
 def test_context_list_parsing():
     assert parse_int_list("512, 128,2k,128", "--contexts") == (128, 512, 2048)
     for bad in ("12a", "", "0", "-5", "1.5"):
@@ -77,13 +81,13 @@ def tiny_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("bench-work")
     # One cache dtype keeps the TVM build (the slow part) to one; int8 is covered by the artifact test.
     config = BenchConfig(contexts=(8, 16), gen=4, reps=1, warmup=0, kv_dtypes=("fp32",),
-                         engines=ALL_ENGINES, prefill_chunk=8, work_dir=work)
+                         engines=ALL_ENGINES, prefill_chunk=8, work_dir=work, synthetic_tokens=4)
     return run_bench("tiny", config, bandwidth=BANDWIDTH), work
 
 
 def test_end_to_end_rows_for_every_engine(tiny_run):
     result, _ = tiny_run
-    expected = {"torch/fp32", "ort-concat/fp32", "kvc-ort/fp32", "kvc-tvm/fp32"}
+    expected = {"torch-concat/fp32", "torch-static/fp32", "ort-concat/fp32", "kvc-ort/fp32", "kvc-tvm/fp32"}
     assert set(result.engines) == expected
     for label, status in result.engines.items():
         engine, dtype = label.split("/")
@@ -99,8 +103,15 @@ def test_end_to_end_rows_for_every_engine(tiny_run):
             if r.metric == DECODE:
                 assert r.bytes_per_token > weight_bytes_per_token(RANDOM_PRESETS["tiny"])
                 assert math.isfinite(r.bandwidth_fraction) and r.bandwidth_fraction > 0
+                assert r.floor_ms == pytest.approx(1e3 * r.bytes_per_token / BANDWIDTH)
+                assert r.bandwidth_fraction == pytest.approx(r.floor_ms / r.median)
+                assert r.fill == "synthetic" and r.batch == 1
+            else:
+                assert r.fill == "real"
+            assert r.capacity == (None if engine.endswith("concat") else 16 + 4)
     decode = {(r.engine, r.context): r.bytes_per_token for r in result.rows if r.metric == DECODE}
-    assert decode[("kvc-ort", 16)] > decode[("kvc-ort", 8)] == decode[("torch", 8)]  # same bytes, any engine
+    assert decode[("kvc-ort", 16)] > decode[("kvc-ort", 8)] == decode[("torch-concat", 8)]  # same bytes, any engine
+    assert decode[("torch-static", 8)] == decode[("torch-concat", 8)]
 
 
 def test_end_to_end_writes_json_csv_png(tiny_run, tmp_path):
@@ -139,7 +150,7 @@ def _greedy(runner, prompt, steps):
 
 def test_baselines_compute_the_same_greedy_tokens_as_the_kvc_engine(tiny_run):
     result, work = tiny_run  # reuse the run's export and artifacts
-    engines = (EngineName.KVC_ORT, EngineName.TORCH, EngineName.ORT_CONCAT)
+    engines = (EngineName.KVC_ORT, EngineName.TORCH_CONCAT, EngineName.TORCH_STATIC, EngineName.ORT_CONCAT)
     if result.engines["kvc-tvm/fp32"] == "ok":  # its artifact is already built: compare it too
         engines += (EngineName.KVC_TVM,)
     config = BenchConfig(contexts=(8, 16), gen=4, batch=2, engines=engines, work_dir=work)
@@ -155,7 +166,8 @@ def test_baselines_compute_the_same_greedy_tokens_as_the_kvc_engine(tiny_run):
         np.testing.assert_allclose(logits, ref_logits, rtol=1e-3, atol=1e-4, err_msg=engine.value)
 
 
-@pytest.mark.parametrize("engine", [EngineName.KVC_ORT, EngineName.TORCH, EngineName.ORT_CONCAT])
+@pytest.mark.parametrize("engine", [EngineName.KVC_ORT, EngineName.TORCH_CONCAT, EngineName.TORCH_STATIC,
+                                    EngineName.ORT_CONCAT])
 def test_rewind_repeats_the_same_decode(tiny_run, engine):
     """Repetitions rewind to depth d and decode again: that must reproduce the first pass."""
     _, work = tiny_run
@@ -185,20 +197,62 @@ def test_artifact_source_benches_only_its_engine(compiled):
 def test_onnx_source_reports_torch_unavailable(exported, tmp_path):
     _, _, onnx_path = exported("tiny")
     config = BenchConfig(contexts=(8,), gen=2, reps=1, warmup=0,
-                         engines=(EngineName.TORCH, EngineName.ORT_CONCAT), work_dir=tmp_path)
+                         engines=(EngineName.TORCH_CONCAT, EngineName.TORCH_STATIC, EngineName.ORT_CONCAT),
+                         work_dir=tmp_path)
     result = run_bench(str(onnx_path), config, bandwidth=BANDWIDTH)
-    assert result.engines["torch/fp32"].startswith("unavailable: ")
+    assert result.engines["torch-concat/fp32"].startswith("unavailable: ")
+    assert result.engines["torch-static/fp32"].startswith("unavailable: ")
     assert result.engines["ort-concat/fp32"] == "ok"
 
 
+@pytest.mark.parametrize("fill_mode", list(FillMode))
 @pytest.mark.parametrize("prefill_reps", [0, 2])
-def test_measure_depth_sample_counts(prefill_reps):
-    from kvc.compiler.bench.measure import measure_depth, steps_per_depth
+@pytest.mark.parametrize("time_prefill", [True, False])
+def test_measure_depth_sample_counts(prefill_reps, fill_mode, time_prefill):
+    from kvc.compiler.bench.measure import DepthPlan, measure_depth, steps_per_depth
     from kvc.compiler.bench.runners import TorchRunner
 
     runner = TorchRunner(random_model(RANDOM_PRESETS["tiny"]), threads=1)
     steps = []
-    samples = measure_depth(runner, random_prompt(256, 1, 6, seed=1), gen=3, reps=2, warmup=1, chunk=4,
-                            prefill_reps=prefill_reps, on_step=lambda: steps.append(1))
-    assert len(samples.decode_step_s) == 2 and len(samples.prefill_s) == max(prefill_reps, 1)
-    assert len(steps) == steps_per_depth(1, 2, prefill_reps) and runner.length == 0
+    plan = DepthPlan(gen=3, reps=2, warmup=1, chunk=4, prefill_reps=prefill_reps, fill=fill_mode,
+                     time_prefill=time_prefill, synthetic_tokens=4)
+    samples = measure_depth(runner, random_prompt(256, 1, 6, seed=1), plan, on_step=lambda: steps.append(1))
+    expected_prefill = prefill_reps or (1 if fill_mode is FillMode.REAL else 0)
+    assert len(samples.decode_step_s) == 2 and len(samples.prefill_s) == (expected_prefill if time_prefill else 0)
+    assert len(steps) == steps_per_depth(plan) and runner.length == 0
+
+
+def test_capacity_list_compiles_one_engine_per_capacity(tiny_run):
+    _, work = tiny_run
+    config = BenchConfig(contexts=(8,), gen=2, reps=1, warmup=0, prefill_reps=0, capacities=(16, 48),
+                         engines=(EngineName.KVC_ORT, EngineName.TORCH_STATIC, EngineName.ORT_CONCAT), work_dir=work)
+    result = run_bench("tiny", config, bandwidth=BANDWIDTH)
+    assert set(result.engines) == {"kvc-ort/fp32/c16", "kvc-ort/fp32/c48", "torch-static/fp32/c16",
+                                   "torch-static/fp32/c48", "ort-concat/fp32"}
+    assert {(r.engine, r.capacity) for r in result.rows} == {
+        ("kvc-ort", 16), ("kvc-ort", 48), ("torch-static", 16), ("torch-static", 48), ("ort-concat", None)}
+    assert all(r.metric == DECODE for r in result.rows)  # synthetic fill, prefill_reps 0: no prefill timed
+    from kvc.compiler.bench.report import markdown_table
+
+    assert "| capacity |" in markdown_table(result)
+    with pytest.raises(KvcError, match="--capacity 8"):
+        BenchConfig(contexts=(8,), gen=2, capacities=(8, 64))
+
+
+def test_batch_rows_count_every_rows_kv(tiny_run):
+    _, work = tiny_run
+    config = BenchConfig(contexts=(8,), gen=2, reps=1, warmup=0, prefill_reps=0, batch=3,
+                         engines=(EngineName.KVC_ORT, EngineName.TORCH_STATIC), kv_dtypes=("int8",), work_dir=work)
+    result = run_bench("tiny", config, bandwidth=BANDWIDTH)
+    tiny = RANDOM_PRESETS["tiny"]
+    by_engine = {r.engine: r for r in result.rows}
+    attended = mean_attended_tokens(8, 2)
+    assert by_engine["kvc-ort"].bytes_per_token == weight_bytes_per_token(tiny) + 3 * attended * 2 * 2 * 2 * (16 + 4)
+    assert by_engine["torch-static"].bytes_per_token == weight_bytes_per_token(tiny) + 3 * attended * 2 * 2 * 2 * 16 * 4
+    assert all(r.batch == 3 for r in result.rows)
+
+
+def test_roofline_counts_weights_once_and_live_kv_per_row():
+    roof = Roofline(weight_bytes=1000, kv_bytes_per_token=10, bandwidth=1e6)
+    assert roof.bytes_per_step(50, batch=4) == 1000 + 4 * 50 * 10
+    assert roof.floor_s(50, batch=4) == pytest.approx(3000 / 1e6)
