@@ -39,9 +39,12 @@ def default_passes(options: PipelineOptions) -> list[KvcPass]:
 def lowering_passes(engine: str) -> list[KvcPass]:
     """Engine-specific lowering ("ort" | "tvm"), run after the neutral passes by the same runner."""
     if engine == "ort":
+        from kvc.passes.fold_reshape_shapes import FoldReshapeShapesPass
         from kvc.passes.lower_ort_live_slots import LowerOrtLiveSlotsPass
+        from kvc.passes.lower_ort_pack_projections import LowerOrtPackProjectionsPass
 
-        return [LowerOrtLiveSlotsPass()]
+        # fewer nodes per step first (shape inference still sees the static capacity), then live slots
+        return [FoldReshapeShapesPass(), LowerOrtPackProjectionsPass(), LowerOrtLiveSlotsPass()]
     return []
 
 
