@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("kvc.cli.run_cmd", "run", "Generate text with a compiled artifact."),
     "bench": ("kvc.cli.bench_cmd", "bench", "Measure prefill and decode speed against context depth."),
     "plan": ("kvc.cli.plan_cmd", "plan", "Plan KV-cache memory and the bandwidth floor of a decode step."),
+    "serve": ("kvc.cli.serve_cmd", "serve", "Serve an artifact over OpenAI's HTTP API with continuous batching."),
 }
 
 
