@@ -9,6 +9,7 @@ over the bandwidth measured by the kvc bench run it is merged into.
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,8 +60,7 @@ def decode_rows(samples: list[PeerDecode], shape: Shape) -> list[Row]:
         roof = Roofline(shape.weight_bytes, shape.kv_bytes_per_token(s.kv_dtype), shape.bandwidth)
         moved = roof.bytes_per_step(mean_attended_tokens(s.context, shape.gen), s.batch)
         floor_s = moved / shape.bandwidth
-        median = sorted(s.step_s)[len(s.step_s) // 2] if len(s.step_s) % 2 else \
-            sum(sorted(s.step_s)[len(s.step_s) // 2 - 1:len(s.step_s) // 2 + 1]) / 2
+        median = statistics.median(s.step_s)
         rows.append(summary_row(s.engine, s.kv_dtype, s.context, DECODE, "ms", [1e3 * t for t in s.step_s],
                                 bytes_per_token=moved, bandwidth_fraction=floor_s / median, batch=s.batch,
                                 capacity=s.capacity, fill="real", floor_ms=1e3 * floor_s,

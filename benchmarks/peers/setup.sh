@@ -30,7 +30,7 @@ venv/bin/python -c "import gguf, sentencepiece" 2>/dev/null || venv/bin/pip inst
 
 # 2. llama.cpp source: the sdist of llama-cpp-python vendors a llama.cpp checkout.
 if [ ! -d llama.cpp-src ]; then
-  venv/bin/pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d dl
+  venv/bin/pip download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d dl
   tar xzf "dl/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz" -C dl
   cp -r "dl/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp" llama.cpp-src
 fi

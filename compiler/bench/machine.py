@@ -38,11 +38,18 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def machine_info(threads: int, bandwidth_bytes_per_s: float, bandwidth_given: bool = False) -> dict:
+def bandwidth_probe_text(threads: int) -> str:
+    return f"1 GiB numpy copy on {threads} thread(s), (read + written bytes) / time, median of 5"
+
+
+def machine_info(threads: int, bandwidth_bytes_per_s: float, bandwidth_given: bool = False,
+                 probe: str | None = None) -> dict:
+    """``probe`` says where a given bandwidth came from (default: the --bandwidth-gbs option)."""
     import os
 
-    probe = (f"1 GiB numpy copy on {threads} thread(s), (read + written bytes) / time, median of 5"
-             if not bandwidth_given else "given by the caller (--bandwidth-gbs), not measured")
+    if probe is None:
+        probe = "given by the caller (--bandwidth-gbs), not measured" if bandwidth_given else \
+            bandwidth_probe_text(threads)
     return {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "cpus_available": available_cpus(),
             "threads_used": threads, "memory_bytes": memory_bytes(), "platform": platform.platform(),
             "measured_bandwidth_bytes_per_s": bandwidth_bytes_per_s,

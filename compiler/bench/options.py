@@ -10,7 +10,7 @@ from kvc.contract import KV_DTYPE_NAMES
 from kvc.errors import KvcError
 
 KV_DTYPES = KV_DTYPE_NAMES
-BASELINE_KV_DTYPE = "fp32"  # the concat export (torch, ort-concat) always holds its past in fp32
+BASELINE_KV_DTYPE = "fp32"  # the baselines (torch-concat, torch-static, ort-concat) always hold an fp32 cache
 
 
 class EngineName(str, enum.Enum):

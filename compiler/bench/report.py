@@ -102,7 +102,9 @@ def markdown_table(result: BenchResult) -> str:
     head = columns(with_capacity)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(_cells(line, with_capacity)) + " |" for line in table_lines(result.rows)]
-    lines += [f"\n{label}: {reason}" for label, reason in unavailable(result).items()]
+    missing = unavailable(result)
+    if missing:
+        lines += [""] + [f"- {label}: {reason}" for label, reason in missing.items()]
     return "\n".join(lines) + "\n"
 
 

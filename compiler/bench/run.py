@@ -41,8 +41,9 @@ def work_directory(keep: Path | None) -> Iterator[Path]:
 
 
 def run_bench(source: str, bench: BenchConfig, progress: BenchProgress = NullProgress(),
-              bandwidth: float | None = None) -> BenchResult:
-    """Benchmark SOURCE; ``bandwidth`` (bytes/s) skips the probe when already known."""
+              bandwidth: float | None = None, bandwidth_probe: str | None = None) -> BenchResult:
+    """Benchmark SOURCE; ``bandwidth`` (bytes/s) skips the probe when already known, ``bandwidth_probe``
+    then says how it was measured (default: given by the caller)."""
     threads = bench.resolved_threads()
     with work_directory(bench.work_dir) as work:
         target = plan_source(source, bench, work, progress.note)
@@ -50,7 +51,7 @@ def run_bench(source: str, bench: BenchConfig, progress: BenchProgress = NullPro
         if bandwidth is None:
             progress.note(f"measuring memory bandwidth on {threads} thread(s)")
             bandwidth = measure_bandwidth(threads=threads)
-        result = BenchResult(_header(source, target, bench, threads, bandwidth, given),
+        result = BenchResult(_header(source, target, bench, threads, bandwidth, given, bandwidth_probe),
                              engines=dict(target.unavailable))
         progress.begin(len(target.slots) * _steps(bench))
         try:
@@ -123,9 +124,10 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip().rstrip(":")
 
 
-def _header(source: str, target, bench: BenchConfig, threads: int, bandwidth: float, given: bool) -> dict:
+def _header(source: str, target, bench: BenchConfig, threads: int, bandwidth: float, given: bool,
+            probe: str | None) -> dict:
     config = target.config
-    return {"machine": machine_info(threads, bandwidth, given),
+    return {"machine": machine_info(threads, bandwidth, given, probe),
             "model": {"source": source, "description": target.description, "name": config.name,
                       "parameters": config.num_parameters(), "layers": config.num_layers,
                       "vocab_size": config.vocab_size,

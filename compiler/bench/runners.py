@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from kvc.compiler.bench.options import EngineName
-from kvc.contract import KINDS, past_name
+from kvc.contract import ATTENTION_MASK, INPUT_IDS, KINDS, PAST_PREFIX, POSITION_IDS, PRESENT_PREFIX, past_name
 from kvc.models.config import ModelConfig
 
 CacheRows = dict[str, np.ndarray]  # contract past name -> [B, kv_heads, L, D] (stored dtype)
@@ -234,7 +234,7 @@ class OrtConcatRunner:
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.past_shapes = {i.name: i.shape for i in self.session.get_inputs() if i.name.startswith("past_key_values.")}
+        self.past_shapes = {i.name: i.shape for i in self.session.get_inputs() if i.name.startswith(PAST_PREFIX)}
         self.past: dict[str, np.ndarray] | None = None
         self.length = 0
 
@@ -243,8 +243,6 @@ class OrtConcatRunner:
                 for name, shape in self.past_shapes.items()}
 
     def step(self, input_ids: np.ndarray) -> np.ndarray:
-        from kvc.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, PAST_PREFIX, PRESENT_PREFIX
-
         batch, seq = input_ids.shape
         if self.past is None:
             self.past = self._empty_past(batch)
