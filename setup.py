@@ -9,7 +9,7 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent
-FOLDERS = {"kvc": "kvc", "kvc.compiler": "compiler", "kvc.passes": "passes",
+FOLDERS = {"kvc": "kvc", "kvc.compiler": "compiler", "kvc.passes": "passes", "kvc.tools": "tools",
            "kvc.runtime": "runtime", "kvc.models": "models"}
 
 

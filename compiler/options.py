@@ -1,4 +1,5 @@
-"""Typed options of `kvc compile`."""
+"""Typed options of `kvc compile` (what the user asked for; what the model is comes from
+kvc.compiler.model_description)."""
 from __future__ import annotations
 
 import enum
@@ -6,10 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-
-class EngineKind(str, enum.Enum):
-    ORT = "ort"  # ONNX Runtime: optimized graph + in-place IO binding
-    TVM = "tvm"  # Apache TVM: Relax + own TIR kernels -> lib/<target>.so
+from kvc.contract import EngineKind, KvDtype, parse_kv_dtype
 
 
 class Device(str, enum.Enum):
@@ -26,7 +24,7 @@ class CompileOptions:
     engine: EngineKind = EngineKind.ORT
     device: Device = Device.CPU
     max_seq_len: Optional[int] = None  # ring capacity; None: min(model max positions, 2048)
-    kv_dtype: str = "fp32"  # parsed into passes.kv_layout.KvDtype by the pipeline
+    kv_dtype: KvDtype = KvDtype.FP32  # text (the CLI's --kv-dtype) is parsed on construction
     kv_scales: Optional[Path] = None  # static FP8 scales from `kvc calibrate`
     sliding_window: Optional[int] = None  # override the model's window (None: from the model config)
     dump_passes: Optional[Path] = None
@@ -35,6 +33,12 @@ class CompileOptions:
     tuning_db: Optional[Path] = None
     config_path: Optional[Path] = None  # HF config.json for graphs without kvc metadata
     cpu: str = NATIVE_CPU  # TVM llvm only: "native" (this machine's CPU), "generic" (portable) or an LLVM CPU name
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kv_dtype, KvDtype):
+            object.__setattr__(self, "kv_dtype", parse_kv_dtype(self.kv_dtype))
+        if not isinstance(self.engine, EngineKind):
+            object.__setattr__(self, "engine", EngineKind(self.engine))
 
     def capacity_for(self, max_position_embeddings: int) -> int:
         return self.max_seq_len if self.max_seq_len is not None else min(max_position_embeddings, 2048)

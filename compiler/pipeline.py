@@ -1,15 +1,16 @@
-"""`kvc compile`: ONNX -> passes -> engine build -> artifact directory (written atomically)."""
+"""`kvc compile`: ONNX -> model description (resolved once) -> neutral passes -> the engine's lowering
+passes -> engine build -> artifact directory (written atomically). See ARCHITECTURE.md."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx_ir as ir
 
 from kvc.compiler.artifact_writer import copy_side_files, write_manifest
-from kvc.compiler.model_info import model_config_for
-from kvc.compiler.options import CompileOptions, EngineKind
+from kvc.compiler.model_description import ModelDescription, describe_model
+from kvc.compiler.options import CompileOptions
+from kvc.contract import CacheLayoutKind, EngineKind
 from kvc.errors import KvcError
 from kvc.fsutil import atomic_dir
 from kvc.passes.base import PassReport
@@ -31,38 +32,47 @@ def compile_model(onnx_path: Path, output: Path, options: CompileOptions, overwr
     if options.engine is EngineKind.ORT and (options.tune_trials or options.tuning_db is not None):
         raise KvcError("--tune-trials and --tuning-db tune the TVM engine's kernels; add --engine tvm")
     model = load_model_checked(onnx_path)
-    config, config_source = model_config_for(model, options.config_path)
-    capacity = options.capacity_for(config.max_position_embeddings)
-    window = options.sliding_window if options.sliding_window is not None else config.sliding_window
-    pipeline = PipelineOptions(capacity=capacity, kv_dtype=options.kv_dtype, sliding_window=window,
-                               fp8_scales=_read_scales(options.kv_scales),
-                               max_positions=config.max_position_embeddings)
-    verifier = None
-    if options.verify:
-        from kvc.compiler.verify import max_abs_diff
-
-        verifier = max_abs_diff
-    passes = default_passes(pipeline) + lowering_passes(options.engine.value)
-    reports = run_passes(model, passes, options.dump_passes, verifier)
+    description = describe_model(model, onnx_path.parent, options)
+    passes = default_passes(pipeline_options(description)) + lowering_passes(options.engine)
+    reports = run_passes(model, passes, options.dump_passes, _verifier(options))
     for r in reports:
         progress(_format_report(r))
     cache = _cache_spec(model)
     with atomic_dir(output, overwrite=overwrite) as staging:
-        if options.engine is EngineKind.ORT:
-            from kvc.compiler.ort_build import build_ort
-
-            entry_points, engine_options = build_ort(model, staging)
-        else:
-            from kvc.compiler.tvm_build import build_tvm
-
-            entry_points, engine_options = build_tvm(model, staging, options, progress)
+        entry_points, engine_options = _build(model, staging, options, len(passes) + 1, progress)
         copy_side_files(onnx_path.parent, staging)
-        generation = _generation(onnx_path.parent, model)
         manifest = write_manifest(staging, engine=options.engine.value, target=options.device.value,
-                                  model=config.to_dict(), cache=cache, entry_points=entry_points,
-                                  passes=[r.to_dict() for r in reports], generation=generation,
+                                  model=description.config.to_dict(), cache=cache, entry_points=entry_points,
+                                  passes=[r.to_dict() for r in reports], generation=description.generation,
                                   engine_options=engine_options)
-    return CompileResult(manifest, reports, config_source)
+    return CompileResult(manifest, reports, description.config_source)
+
+
+def pipeline_options(description: ModelDescription) -> PipelineOptions:
+    return PipelineOptions(capacity=description.capacity, kv_dtype=description.kv_dtype,
+                           sliding_window=description.sliding_window, fp8_scales=description.fp8_scales,
+                           max_positions=description.max_positions)
+
+
+def _verifier(options: CompileOptions):
+    if not options.verify:
+        return None
+    from kvc.compiler.verify import max_abs_diff
+
+    return max_abs_diff
+
+
+def _build(model: ir.Model, staging: Path, options: CompileOptions, first_dump_index: int, progress):
+    """The engine's build of the lowered graph; Relax dumps continue the pass dumps' numbering."""
+    if options.engine is EngineKind.ORT:
+        from kvc.compiler.ort_build import build_ort
+
+        return build_ort(model, staging)
+    from kvc.compiler.tvm.engine_build import build_tvm
+    from kvc.compiler.tvm.relax_dump import RelaxDump
+
+    dump = RelaxDump(options.dump_passes, first_dump_index) if options.dump_passes is not None else None
+    return build_tvm(model, staging, options, progress, dump)
 
 
 def _format_report(r: PassReport) -> str:
@@ -77,23 +87,6 @@ def _cache_spec(model: ir.Model) -> CacheSpec:
     from kvc.passes.kv_layout import KvCacheLayout
 
     layout = KvCacheLayout.read_from(model)
-    return CacheSpec(layout="ring", capacity=layout.capacity, dtype=layout.dtype.value, scales=layout.scales.value,
-                     num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
-                     sliding_window=layout.sliding_window)
-
-
-def _read_scales(path: Path | None) -> dict | None:
-    if path is None:
-        return None
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise KvcError(f"cannot read KV scales from {path} ({exc}); produce them with kvc calibrate") from None
-
-
-def _generation(model_dir: Path, model: ir.Model) -> dict:
-    path = model_dir / "generation_config.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    raw = model.metadata_props.get("kvc.generation")
-    return json.loads(raw) if raw else {}
+    return CacheSpec(layout=CacheLayoutKind.RING.value, capacity=layout.capacity, dtype=layout.dtype.value,
+                     scales=layout.scales.value, num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
+                     head_dim=layout.head_dim, sliding_window=layout.sliding_window)

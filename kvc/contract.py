@@ -66,6 +66,11 @@ def present_for(past: str) -> str:
     return PRESENT_PREFIX + past[len(PAST_PREFIX):]
 
 
+def is_present(name: str) -> bool:
+    """A cache output (tensor or scale ring)."""
+    return PRESENT_ANY_RE.match(name) is not None
+
+
 def past_for(present: str) -> str:
     if PRESENT_ANY_RE.match(present) is None:
         raise ValueError(f"{present!r} is not a cache output name")
@@ -76,6 +81,7 @@ def past_for(present: str) -> str:
 MODEL_CONFIG_KEY = "kvc.model_config"  # ModelConfig.to_dict() as JSON, written by kvc export
 LAYOUT_KEY = "kvc.kv_layout"  # KvCacheLayout as JSON, written by the ring-buffer pass
 GENERATION_KEY = "kvc.generation"  # generation defaults (eos, bos, chat template) as JSON
+EXPORTER_KEY = "kvc.exporter"  # "kvc <version>", written by kvc export
 
 
 # --- cache storage --------------------------------------------------------------------------
@@ -114,6 +120,16 @@ _ORT_TYPES = {KvDtype.FP32: "tensor(float)", KvDtype.FP16: "tensor(float16)",
               KvDtype.BF16: "tensor(bfloat16)", KvDtype.INT8: "tensor(int8)",
               KvDtype.FP8: "tensor(float8e4m3fn)"}
 KV_DTYPE_NAMES = tuple(d.value for d in KvDtype)
+
+
+def parse_kv_dtype(text: str) -> KvDtype:
+    """--kv-dtype text -> KvDtype (case-insensitive); a KvcError naming the choices otherwise."""
+    from kvc.errors import KvcError
+
+    try:
+        return KvDtype(text.lower())
+    except ValueError:
+        raise KvcError(f"unknown KV-cache dtype {text!r}; choose one of {list(KV_DTYPE_NAMES)}") from None
 SCALE_TVM_DTYPE = "float32"  # per-token scale rings
 
 
@@ -143,3 +159,6 @@ class Entry(str, enum.Enum):
     PREFILL = "prefill"  # any number of tokens per row
     DECODE = "decode"  # one token per row, any batch
     DECODE_B1 = "decode_b1"  # one token, batch 1, every shape static (TVM; MetaSchedule can tune it)
+
+
+ENTRY_NAMES = tuple(e.value for e in Entry)

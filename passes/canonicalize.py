@@ -86,7 +86,9 @@ class SplitOffNothing(pattern.RewriteRuleClassBase):
         return op.Identity(x)  # the Split stays while its empty part has users
 
 
-_STATIC_SHAPE_RULES = pattern.RewriteRuleSet([StaticShapeGather.rule(), SplitOffNothing.rule()])
+def _static_shape_rules() -> pattern.RewriteRuleSet:
+    """Built per run: StaticShapeGather keeps its match's dims between check and rewrite."""
+    return pattern.RewriteRuleSet([StaticShapeGather.rule(), SplitOffNothing.rule()])
 
 
 _CLEANUP_RULES = pattern.RewriteRuleSet([
@@ -124,13 +126,14 @@ class CanonicalizePass(KvcPass):
         _upgrade_opset(model, report)
         _fold_and_clean(model)
         ShapeInferencePass(data_prop=True)(model)
-        if _STATIC_SHAPE_RULES.apply_to_model(model):
+        if _static_shape_rules().apply_to_model(model):
             # Fold the arithmetic on the new constants (head_dim / 2, ...), then drop what it fed.
             onnxscript.optimizer.fold_constants(model)
             RemoveUnusedNodesPass()(model)
             LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
             ShapeInferencePass(data_prop=True)(model)
-        model.ir_version = max(model.ir_version, MIN_IR_VERSION)
+        if model.ir_version < MIN_IR_VERSION:
+            model.ir_version, report.modified = MIN_IR_VERSION, True
         nodes_after = sum(1 for _ in model.graph)
         report.matched = max(nodes_before - nodes_after, 0)
         report.notes.append(f"{nodes_before} nodes -> {nodes_after} nodes")
@@ -151,3 +154,4 @@ def _upgrade_opset(model: ir.Model, report: PassReport) -> None:
         report.notes.append(f"opset {before} could not be upgraded to {TARGET_OPSET}; fused ops unavailable")
     else:
         report.notes.append(f"opset {before} -> {after}")
+    report.modified = after > before

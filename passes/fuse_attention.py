@@ -84,8 +84,6 @@ class AttentionCoreFusion(pattern.RewriteRuleClassBase):
     def check(self, context, query_BHSD, key_t_BHDT, value_BHTDv, mask, softmax_BHST, attn_BHSDv,
               **b) -> pattern.MatchResult:
         result = pattern.MatchResult()
-        if opset_version(context.model) < MIN_OPSET:
-            return result.fail(f"model opset {opset_version(context.model)} < {MIN_OPSET}")
         q_heads, head_size = _heads_and_size(query_BHSD, key_t_BHDT, b["qk_BHST"])
         if rank(query_BHSD) not in (4, None) or q_heads is None or head_size is None:
             return result.fail("query is not a 4-D [batch, heads, seq, head_size] tensor with known heads and size")
@@ -185,22 +183,25 @@ class AttentionPastFusion(pattern.RewriteRuleClassBase):
         return outputs if self._with_qk else outputs[:3]
 
 
-CORE_RULES = pattern.RewriteRuleSet([AttentionCoreFusion.rule()])
-PAST_RULES = pattern.RewriteRuleSet([AttentionPastFusion.rule(with_qk_output=True),
-                                     AttentionPastFusion.rule(with_qk_output=False)])
+def core_rules() -> pattern.RewriteRuleSet:
+    """Built per run: the rule keeps its match's plan between check and rewrite."""
+    return pattern.RewriteRuleSet([AttentionCoreFusion.rule()])
+
+
+def past_rules() -> pattern.RewriteRuleSet:
+    return pattern.RewriteRuleSet([AttentionPastFusion.rule(with_qk_output=True),
+                                   AttentionPastFusion.rule(with_qk_output=False)])
 
 
 class FuseAttentionPass(KvcPass):
     name = "attention"
+    min_opset = MIN_OPSET
 
     def apply(self, model: ir.Model) -> PassReport:
         report = PassReport(self.name)
-        if opset_version(model) < MIN_OPSET:
-            report.notes.append(f"skipped: model opset {opset_version(model)} < {MIN_OPSET} (canonicalize first)")
-            return report
         ShapeInferencePass(data_prop=True)(model)  # earlier fusions left new values without shapes
-        report.matched = CORE_RULES.apply_to_model(model)
-        with_past = PAST_RULES.apply_to_model(model) if report.matched else 0
+        report.matched = core_rules().apply_to_model(model)
+        with_past = past_rules().apply_to_model(model) if report.matched else 0
         TopologicalSortPass()(model)  # present outputs now come from nodes later in the graph
         if report.matched:
             report.notes.append(f"{with_past} of {report.matched} take past_key/past_value")
@@ -354,5 +355,5 @@ def _leftover_reasons(model: ir.Model) -> list[str]:
         if not anchors:
             reasons.append("its output does not feed a MatMul with values (not attention)")
         else:
-            reasons.append(explain_no_match(CORE_RULES.rules, model, anchors))
+            reasons.append(explain_no_match(core_rules().rules, model, anchors))
     return reasons

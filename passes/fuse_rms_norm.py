@@ -36,8 +36,6 @@ class RmsNormFusion(pattern.RewriteRuleClassBase):
 
     def check(self, context, x, scale, mean, epsilon, y, **b) -> pattern.MatchResult:
         result = pattern.MatchResult()
-        if opset_version(context.model) < MIN_OPSET:
-            return result.fail(f"model opset {opset_version(context.model)} < {MIN_OPSET}")
         if b.get("square") == "Pow" and const_scalar(b.get("exponent")) != 2.0:
             return result.fail("Pow exponent is not 2")
         if b.get("inverse") == "Div1" and const_scalar(b.get("one")) != 1.0:
@@ -73,18 +71,18 @@ def _normalized_axis(reduce_mean: ir.Node, axes_value: ir.Value | None, x_rank: 
     return axes[0] if axes == list(range(axes[0], x_rank)) else None
 
 
-RULES = pattern.RewriteRuleSet([RmsNormFusion.rule()], commute=True)
+def rules() -> pattern.RewriteRuleSet:
+    """Built per run: the rule keeps its match's attributes between check and rewrite."""
+    return pattern.RewriteRuleSet([RmsNormFusion.rule()], commute=True)
 
 
 class FuseRmsNormPass(KvcPass):
     name = "rms_norm"
+    min_opset = MIN_OPSET
 
     def apply(self, model: ir.Model) -> PassReport:
         report = PassReport(self.name)
-        if opset_version(model) < MIN_OPSET:
-            report.notes.append(f"skipped: model opset {opset_version(model)} < {MIN_OPSET} (canonicalize first)")
-            return report
-        report.matched = RULES.apply_to_model(model)
+        report.matched = rules().apply_to_model(model)
         report.notes.extend(summarize(self.name, "ReduceMean(x^2) nodes", _leftover_reasons(model)))
         return report
 
@@ -100,5 +98,5 @@ def _leftover_reasons(model: ir.Model) -> list[str]:
             reasons.append("no epsilon is added to the mean of squares")
             continue
         anchors = [n for n in downstream_nodes(node, 6) if n.op_type == "Mul"]
-        reasons.append(explain_no_match(RULES.rules, model, anchors) if anchors else "no scale multiplication follows")
+        reasons.append(explain_no_match(rules().rules, model, anchors) if anchors else "no scale multiplication follows")
     return reasons

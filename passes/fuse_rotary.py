@@ -25,7 +25,6 @@ Rules, applied in order:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +37,6 @@ from kvc.passes._patterns import (FLOAT_TYPES, ProbeError, SampleDims, attr_int,
                                   downstream_nodes, explain_no_match, opset_version, rank, run_slice,
                                   sample_like, static_dim, summarize)
 from kvc.passes.base import KvcPass, PassReport
-from kvc.passes.kv_layout import MODEL_CONFIG_KEY  # the kvc model config kvc's exporter writes
 
 MIN_OPSET = 23
 _BHSD_FROM_BSHD = [0, 2, 1, 3]
@@ -108,8 +106,6 @@ class RotateHalfFusion(pattern.RewriteRuleClassBase):
     def check(self, context, x, cos4, rotated, sin4, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
         head_size = static_dim(x, -1)
-        if opset_version(context.model) < MIN_OPSET:
-            return result.fail(f"model opset {opset_version(context.model)} < {MIN_OPSET}")
         if rank(x) != 4 or head_size is None or head_size % 2 or x.dtype not in FLOAT_TYPES:
             return result.fail("x is not a 4-D float tensor with a known, even head size")
         if not _reaches(rotated, x, _ROTATION_OPS, depth=8):
@@ -151,8 +147,6 @@ class RealImagFusion(pattern.RewriteRuleClassBase):
     def check(self, context, x, cos4, sin4, x1, x2, concat_axis, **b) -> pattern.MatchResult:
         result = pattern.MatchResult()
         size = static_dim(x, -1)
-        if opset_version(context.model) < MIN_OPSET:
-            return result.fail(f"model opset {opset_version(context.model)} < {MIN_OPSET}")
         if rank(x) != 4 or size is None or size % 2 or x.dtype not in FLOAT_TYPES:
             return result.fail("x is not a 4-D float tensor with a known, even head size")
         if concat_axis.as_int() not in (-1, 3 if not self._interleaved else 4):
@@ -252,6 +246,7 @@ class Rotary3dInputFusion(pattern.RewriteRuleClassBase):
 
 class FuseRotaryPass(KvcPass):
     name = "rotary"
+    min_opset = MIN_OPSET
 
     def __init__(self, max_positions: int | None = None) -> None:
         super().__init__()
@@ -259,15 +254,12 @@ class FuseRotaryPass(KvcPass):
 
     def apply(self, model: ir.Model) -> PassReport:
         report = PassReport(self.name)
-        if opset_version(model) < MIN_OPSET:
-            report.notes.append(f"skipped: model opset {opset_version(model)} < {MIN_OPSET} (canonicalize first)")
-            return report
-        max_positions = self.max_positions or _max_positions_from_metadata(model)
+        max_positions = self.max_positions
         rotate_half = _rotate_half_rules(model, max_positions)
-        report.matched = rotate_half.apply_to_model(model) + _REAL_IMAG_RULES.apply_to_model(model)
+        report.matched = rotate_half.apply_to_model(model) + _real_imag_rules().apply_to_model(model)
         if report.matched:
-            _FOLLOW_UP_RULES.apply_to_model(model)
-            _TRANSPOSE_CLEANUP.apply_to_model(model)
+            _follow_up_rules().apply_to_model(model)
+            _transpose_cleanup().apply_to_model(model)
             IdentityEliminationPass()(model)
             RemoveUnusedNodesPass()(model)
             report.notes.extend(_cache_notes(model, max_positions))
@@ -542,21 +534,20 @@ def _rotate_half_rules(model: ir.Model, max_positions: int | None) -> pattern.Re
     return pattern.RewriteRuleSet([RotateHalfFusion.rule(max_positions, registry)], commute=True)
 
 
-# Built once: commuting every Mul/Add of these patterns makes dozens of variants.
-_REAL_IMAG_RULES = pattern.RewriteRuleSet(
-    [RealImagFusion.rule(split, interleaved) for split, interleaved in
-     (("split", False), ("slices", False), ("slices", True))], commute=True)
-_FOLLOW_UP_RULES = pattern.RewriteRuleSet([PartialRotaryFusion.rule("split"), PartialRotaryFusion.rule("slices"),
-                                           Rotary3dInputFusion.rule()])
-# The BSHD wrappers meet the graph's own transposes: cancel them.
-_TRANSPOSE_CLEANUP = pattern.RewriteRuleSet([transpose_transpose_rule, no_op_transpose_rule])
+# Rule sets are built per run: their rules keep a match's plan between check and rewrite.
+def _real_imag_rules() -> pattern.RewriteRuleSet:
+    return pattern.RewriteRuleSet([RealImagFusion.rule(split, interleaved) for split, interleaved in
+                                   (("split", False), ("slices", False), ("slices", True))], commute=True)
 
 
-def _max_positions_from_metadata(model: ir.Model) -> int | None:
-    try:
-        return int(json.loads(model.metadata_props[MODEL_CONFIG_KEY])["max_position_embeddings"])
-    except (KeyError, ValueError, TypeError):
-        return None
+def _follow_up_rules() -> pattern.RewriteRuleSet:
+    return pattern.RewriteRuleSet([PartialRotaryFusion.rule("split"), PartialRotaryFusion.rule("slices"),
+                                   Rotary3dInputFusion.rule()])
+
+
+def _transpose_cleanup() -> pattern.RewriteRuleSet:
+    """The BSHD wrappers meet the graph's own transposes: cancel them."""
+    return pattern.RewriteRuleSet([transpose_transpose_rule, no_op_transpose_rule])
 
 
 def _cache_notes(model: ir.Model, max_positions: int | None) -> list[str]:

@@ -22,8 +22,8 @@ from google.protobuf.message import DecodeError
 from onnx.external_data_helper import ExternalDataInfo
 from onnx_ir.passes.common import ShapeInferencePass
 
+from kvc.contract import PAST_RE, PRESENT_RE, past_name, present_name
 from kvc.errors import GraphError
-from kvc.passes.kv_layout import PAST_RE, PRESENT_RE, past_name, present_name
 
 MAX_HEAD_DIM = 256  # widest head the attention kernels (TVM tiles, ORT flash paths) are planned for
 ATTENTION_OP = ("", "Attention")

@@ -16,7 +16,8 @@ from typing import Optional
 import ml_dtypes
 import numpy as np
 
-from kvc.passes.kv_layout import KvDtype, KvQuantOptions
+from kvc.contract import KvDtype
+from kvc.passes.kv_layout import KvQuantOptions
 
 INT8_MAX = 127.0
 FP8_E4M3_MAX = 448.0

@@ -40,68 +40,38 @@ Cache buffers must be finite before the first write (allocate them zero-filled):
 nonpad_kv_seqlen get zero attention weight, but ONNX Runtime 1.31's CPU Attention still multiplies
 that zero by the value slot, so a NaN left there would leak (0 * NaN).
 
-The same description travels inside the graph as JSON in metadata_props["kvc.kv_layout"].
+The same description travels inside the graph as JSON in metadata_props[kvc.contract.LAYOUT_KEY].
+Names, dtypes and scale kinds are kvc.contract's; this module adds what needs onnx-ir.
 """
 from __future__ import annotations
 
-import enum
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import onnx_ir as ir
 
+from kvc.contract import (
+    INPUT_IDS,
+    KINDS,
+    LAYOUT_KEY,
+    LOGITS,
+    PAST_LEN,
+    POSITION_IDS,
+    CacheLayoutKind,
+    KvDtype,
+    ScaleKind,
+    past_name,
+    past_scale_name,
+    present_name,
+    present_scale_name,
+)
 from kvc.errors import GraphError, KvcError
 
-# Same key as kvc.models.export.CONFIG_KEY (not imported: that module pulls in torch).
-MODEL_CONFIG_KEY = "kvc.model_config"
-LAYOUT_KEY = "kvc.kv_layout"
 
-INPUT_IDS = "input_ids"
-POSITION_IDS = "position_ids"
-ATTENTION_MASK = "attention_mask"  # the concat form's input; the ring graph has none
-PAST_LEN = "past_len"
-LOGITS = "logits"
-BATCH_DIM = "batch"
-
-PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-PRESENT_RE = re.compile(r"^present\.(\d+)\.(key|value)$")
-KINDS = ("key", "value")
-
-
-def past_name(layer: int, kind: str) -> str:
-    return f"past_key_values.{layer}.{kind}"
-
-
-def present_name(layer: int, kind: str) -> str:
-    return f"present.{layer}.{kind}"
-
-
-def past_scale_name(layer: int, kind: str) -> str:
-    return f"past_key_values.{layer}.{kind}_scale"
-
-
-def present_scale_name(layer: int, kind: str) -> str:
-    return f"present.{layer}.{kind}_scale"
-
-
-class KvDtype(str, enum.Enum):
-    """Storage type of the KV cache."""
-
-    FP32 = "fp32"
-    FP16 = "fp16"
-    BF16 = "bf16"
-    INT8 = "int8"  # symmetric, one float32 scale per token per kv head
-    FP8 = "fp8"  # float8e4m3fn, static per-head or dynamic per-token per-head scales
-
-    @property
-    def ir_dtype(self) -> ir.DataType:
-        return _IR_DTYPES[self]
-
-    @property
-    def bytes_per_element(self) -> int:
-        return self.ir_dtype.itemsize
+def ir_dtype(dtype: KvDtype) -> ir.DataType:
+    """The onnx-ir element type of a cache stored as ``dtype``."""
+    return _IR_DTYPES[dtype]
 
 
 _IR_DTYPES = {KvDtype.FP32: ir.DataType.FLOAT, KvDtype.FP16: ir.DataType.FLOAT16,
@@ -109,24 +79,10 @@ _IR_DTYPES = {KvDtype.FP32: ir.DataType.FLOAT, KvDtype.FP16: ir.DataType.FLOAT16
               KvDtype.FP8: ir.DataType.FLOAT8E4M3FN}
 
 
-def parse_kv_dtype(text: str) -> KvDtype:
-    try:
-        return KvDtype(text.lower())
-    except ValueError:
-        raise KvcError(f"unknown KV-cache dtype {text!r}; choose one of "
-                       f"{[d.value for d in KvDtype]}") from None
-
-
-class ScaleKind(str, enum.Enum):
-    NONE = "none"  # fp32 / fp16 / bf16
-    PER_TOKEN = "per_token"  # [batch, kv_heads, C, 1] float32 rings beside the cache (I/O)
-    STATIC_PER_HEAD = "static_per_head"  # constants in the graph, one per layer and kv head
-
-
 @dataclass(frozen=True)
 class RingBufferOptions:
     capacity: int  # C: cache slots per sequence
-    sliding_window: Optional[int] = None  # only used when the model carries no kvc.model_config
+    sliding_window: Optional[int] = None  # the model's own attention window (resolved by the caller)
 
     def __post_init__(self) -> None:
         if not isinstance(self.capacity, int) or self.capacity < 1:
@@ -175,7 +131,8 @@ class KvQuantOptions:
 
     def __post_init__(self) -> None:
         if not isinstance(self.dtype, KvDtype):
-            raise KvcError(f"KvQuantOptions.dtype must be a KvDtype, got {self.dtype!r}; use parse_kv_dtype")
+            raise KvcError(f"KvQuantOptions.dtype must be a KvDtype, got {self.dtype!r}; "
+                           "use kvc.contract.parse_kv_dtype")
         if self.fp8_scales is not None and not isinstance(self.fp8_scales, Fp8Scales):
             raise KvcError("KvQuantOptions.fp8_scales must be an Fp8Scales (Fp8Scales.from_dict(json))")
         if self.fp8_scales is not None and self.dtype is not KvDtype.FP8:
@@ -193,7 +150,7 @@ class KvQuantOptions:
 
 @dataclass(frozen=True)
 class KvCacheLayout:
-    """What the rewritten graph expects; stored as JSON in metadata_props["kvc.kv_layout"]."""
+    """What the rewritten graph expects; stored as JSON in metadata_props[kvc.contract.LAYOUT_KEY]."""
 
     num_layers: int
     num_kv_heads: int
@@ -231,7 +188,7 @@ class KvCacheLayout:
         return [LOGITS] + [o for _, o in self.cache_names()]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layout": "ring", "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
+        return {"layout": CacheLayoutKind.RING.value, "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
                 "head_dim": self.head_dim, "capacity": self.capacity, "sliding_window": self.sliding_window,
                 "dtype": self.dtype.value, "scales": self.scales.value}
 
@@ -251,3 +208,6 @@ class KvCacheLayout:
             raise GraphError(f"this graph has no {LAYOUT_KEY} metadata, so its KV cache is not a ring buffer; "
                              "run the KV ring-buffer pass first")
         return cls.from_dict(json.loads(text))
+
+# kvc/cli/plan_cmd.py still imports parse_kv_dtype from here; drop this once it imports kvc.contract's.
+from kvc.contract import parse_kv_dtype  # noqa: E402,F401  (short-lived re-export)

@@ -12,10 +12,9 @@ Per cache (layer i, key or value), with U the new float32 K or V [B, K, S, D]:
 Standard QuantizeLinear/DequantizeLinear in the blocked form (opset 21+; block = one token's head_dim)
 express a per-token per-head scale directly, and ONNX Runtime 1.31 CPU runs them for int8 and
 float8e4m3fn with scales computed in-graph; so no Div/Round/Clip/Cast emulation is needed.
-ONNX Runtime 1.31 CPU has no float8 TensorScatter kernel (and the standard ScatterND/ScatterElements
-do not take float8 at all), so the fp8 cache is scattered through a float16 copy: Cast(fp8 -> fp16),
-TensorScatter, Cast(fp16 -> fp8). Every e4m3fn value is exact in float16, so the result is identical,
-at the price of two passes over the cache per step. numpy reference: kvc.passes.kv_codec.
+Every cache is written by a plain TensorScatter in its storage dtype (fp8 included); an engine that
+cannot scatter some dtype lowers it afterwards (ONNX Runtime's fp8: kvc.passes.lower_ort_fp8_scatter).
+numpy reference: kvc.passes.kv_codec.
 """
 from __future__ import annotations
 
@@ -25,22 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from kvc.contract import KINDS, SCALE_SUFFIX, KvDtype, ScaleKind, past_name, past_scale_name, present_scale_name
 from kvc.errors import GraphError
 from kvc.passes.base import KvcPass, PassReport
 from kvc.passes.kv_codec import qmax
-from kvc.passes.kv_layout import (
-    KINDS,
-    Fp8Scales,
-    KvCacheLayout,
-    KvDtype,
-    KvQuantOptions,
-    ScaleKind,
-    past_name,
-    past_scale_name,
-    present_scale_name,
-)
+from kvc.passes.kv_layout import Fp8Scales, KvCacheLayout, KvQuantOptions, ir_dtype
 
-FP8_SCATTER_CARRIER = ir.DataType.FLOAT16  # see the module docstring: no float8 TensorScatter in ORT 1.31 CPU
 HEAD_AXIS, TOKEN_AXIS, DIM_AXIS = 1, 2, 3
 
 __all__ = ["KvQuantOptions", "KvQuantizePass"]
@@ -97,9 +86,6 @@ class KvQuantizePass(KvcPass):
         report.matched = len(sites)
         report.notes.append(f"cache dtype {dtype.value}, scales {self.options.scale_kind.value}; "
                             f"{_FORMS[self.options.scale_kind]}")
-        if dtype is KvDtype.FP8:
-            report.notes.append("fp8 ring written through a float16 copy: ONNX Runtime 1.31 CPU has no float8 "
-                                "TensorScatter")
         return report
 
 
@@ -156,7 +142,7 @@ def _read_through(site: CacheSite, value: ir.Value) -> None:
 def _quantize_cast(graph: ir.Graph, site: CacheSite, options: KvQuantOptions, layout: KvCacheLayout) -> None:
     """fp16 / bf16: store in the narrow float type, cast back for attention."""
     tape = ir.tape.Tape(graph)
-    dtype = options.dtype.ir_dtype
+    dtype = ir_dtype(options.dtype)
     site.scatter.replace_input_with(1, tape.op("Cast", [site.update], {"to": dtype}))
     _set_cache_dtype(site, dtype)
     _read_through(site, tape.op("Cast", [site.present], {"to": ir.DataType.FLOAT}))
@@ -165,11 +151,11 @@ def _quantize_cast(graph: ir.Graph, site: CacheSite, options: KvQuantOptions, la
 def _quantize_per_token(graph: ir.Graph, site: CacheSite, options: KvQuantOptions, layout: KvCacheLayout) -> None:
     """int8 / dynamic fp8: per-token per-head scales computed in-graph, kept in their own ring."""
     tape = ir.tape.Tape(graph)
-    dtype = options.dtype.ir_dtype
+    dtype = ir_dtype(options.dtype)
     scale_new = _per_token_scale(tape, graph, site, options.dtype)
     blocked = {"axis": DIM_AXIS, "block_size": layout.head_dim}
     quantized = tape.op("QuantizeLinear", [site.update, scale_new], {**blocked, "output_dtype": dtype})
-    present = _write_quantized(graph, tape, site, quantized, dtype)
+    present = _write_quantized(site, quantized, dtype)
     scale_present = _add_scale_ring(graph, tape, site, scale_new, layout, present)
     _read_through(site, tape.op("DequantizeLinear", [present, scale_present], blocked))
 
@@ -179,10 +165,10 @@ def _quantize_static(graph: ir.Graph, site: CacheSite, options: KvQuantOptions, 
     tape = ir.tape.Tape(graph)
     scales = options.fp8_scales.key if site.kind == "key" else options.fp8_scales.value
     scale = tape.initializer(ir.tensor(np.asarray(scales[site.layer], np.float32),
-                                       name=f"kvc_quant.{site.layer}.{site.kind}_scale"))
+                                       name=f"kvc_quant.{site.layer}.{site.kind}{SCALE_SUFFIX}"))
     per_head = {"axis": HEAD_AXIS}
-    quantized = tape.op("QuantizeLinear", [site.update, scale], {**per_head, "output_dtype": options.dtype.ir_dtype})
-    present = _write_quantized(graph, tape, site, quantized, options.dtype.ir_dtype)
+    quantized = tape.op("QuantizeLinear", [site.update, scale], {**per_head, "output_dtype": ir_dtype(options.dtype)})
+    present = _write_quantized(site, quantized, ir_dtype(options.dtype))
     _read_through(site, tape.op("DequantizeLinear", [present, scale], per_head))
 
 
@@ -199,26 +185,11 @@ def _per_token_scale(tape: ir.tape.Tape, graph: ir.Graph, site: CacheSite, dtype
     return tape.op("Where", [tape.op("Equal", [scale, zero]), one, scale])  # all-zero token: scale 1
 
 
-def _write_quantized(graph: ir.Graph, tape: ir.tape.Tape, site: CacheSite, quantized: ir.Value,
-                     dtype: ir.DataType) -> ir.Value:
-    """Scatter ``quantized`` into the ring; returns the updated cache (the graph output)."""
-    if dtype != ir.DataType.FLOAT8E4M3FN:
-        site.scatter.replace_input_with(1, quantized)
-        _set_cache_dtype(site, dtype)
-        return site.present
-    carrier = FP8_SCATTER_CARRIER
-    site.scatter.replace_input_with(0, tape.op("Cast", [site.past], {"to": carrier}))
-    site.scatter.replace_input_with(1, tape.op("Cast", [quantized], {"to": carrier}))
-    _retype(site.past, dtype)
-    old_present = site.present
-    present = tape.op("Cast", [old_present], {"to": dtype})
-    present.shape = old_present.shape
-    _retype(present, dtype)
-    graph.outputs[list(graph.outputs).index(old_present)] = present
-    name, old_present.name = old_present.name, f"{old_present.name}.fp16"
-    _retype(old_present, carrier)
-    present.name = name
-    return present
+def _write_quantized(site: CacheSite, quantized: ir.Value, dtype: ir.DataType) -> ir.Value:
+    """Scatter ``quantized`` into the ring (stored as ``dtype``); returns the updated cache (the graph output)."""
+    site.scatter.replace_input_with(1, quantized)
+    _set_cache_dtype(site, dtype)
+    return site.present
 
 
 def _add_scale_ring(graph: ir.Graph, tape: ir.tape.Tape, site: CacheSite, scale_new: ir.Value,

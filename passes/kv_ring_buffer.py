@@ -13,7 +13,6 @@ Legend: B batch, H query heads, K kv heads, S new tokens, P past tokens, C capac
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -21,19 +20,11 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from kvc.contract import ATTENTION_MASK, BATCH_DIM, LAYOUT_KEY, PAST_LEN, POSITION_IDS
 from kvc.errors import GraphError
 from kvc.passes.base import KvcPass, PassReport
 from kvc.passes.graph_checks import FusedLayer, check_ring_input
-from kvc.passes.kv_layout import (
-    ATTENTION_MASK,
-    BATCH_DIM,
-    LAYOUT_KEY,
-    MODEL_CONFIG_KEY,
-    PAST_LEN,
-    POSITION_IDS,
-    KvCacheLayout,
-    RingBufferOptions,
-)
+from kvc.passes.kv_layout import KvCacheLayout, RingBufferOptions
 
 RING_OPSET = 24  # TensorScatter and Attention's nonpad_kv_seqlen
 DROPPED_ATTENTION_ATTRS = ("is_causal",)  # causality now lives in the ring mask
@@ -42,7 +33,7 @@ RING_INITIALIZER_PREFIX = "kvc_ring."
 CAPACITY_INITIALIZER = RING_INITIALIZER_PREFIX + "capacity"  # scalar int64 C
 SLOTS_INITIALIZER = RING_INITIALIZER_PREFIX + "slots"  # arange(C) int64
 
-__all__ = ["KvRingBufferPass", "RingBufferOptions", "resolve_sliding_window"]
+__all__ = ["KvRingBufferPass", "RingBufferOptions"]
 
 
 @dataclass(frozen=True)
@@ -63,28 +54,27 @@ class KvRingBufferPass(KvcPass):
         self.options = options
 
     def apply(self, model: ir.Model) -> PassReport:
-        layers, window, source = _preconditions(model, self.options)  # the graph is untouched until here
-        capacity = self.options.capacity
+        layers = _preconditions(model)  # the graph is untouched until here
+        capacity, window = self.options.capacity, self.options.sliding_window
         _rewrite(model, layers, capacity, window)
         KvCacheLayout(num_layers=len(layers), num_kv_heads=layers[0].num_kv_heads, head_dim=layers[0].head_dim,
                       capacity=capacity, sliding_window=window).write_to(model)
         report = PassReport(self.name, matched=len(layers))
-        report.notes.append(f"capacity {capacity}; sliding window {window} ({source})")
+        report.notes.append(f"capacity {capacity}; sliding window {window}")
         if window is None or window > capacity:
             report.notes.append(f"wrap-around past {capacity} tokens is sliding-window attention of width "
                                 f"{capacity}: exact only for models trained with such a window")
         return report
 
 
-def _preconditions(model: ir.Model, options: RingBufferOptions) -> tuple[list[FusedLayer], int | None, str]:
+def _preconditions(model: ir.Model) -> list[FusedLayer]:
     """Everything that can refuse the graph, checked before anything is changed."""
     if LAYOUT_KEY in model.metadata_props:
-        raise GraphError("this graph already has a ring-buffer KV cache (kvc.kv_layout metadata); "
+        raise GraphError(f"this graph already has a ring-buffer KV cache ({LAYOUT_KEY} metadata); "
                          "run the ring-buffer pass once, on the concat-form graph")
     layers = check_ring_input(model)
-    window, source = resolve_sliding_window(model, options)
     _check_attention_mask_only_feeds_masks(model.graph, layers)
-    return layers, window, source
+    return layers
 
 
 def _rewrite(model: ir.Model, layers: list[FusedLayer], capacity: int, window: int | None) -> None:
@@ -98,24 +88,7 @@ def _rewrite(model: ir.Model, layers: list[FusedLayer], capacity: int, window: i
     model.graph.sort()
 
 
-# --- options and preconditions --------------------------------------------------------------
-
-def resolve_sliding_window(model: ir.Model, options: RingBufferOptions) -> tuple[int | None, str]:
-    """The model's own attention window and where it came from (metadata wins; options if absent)."""
-    text = model.metadata_props.get(MODEL_CONFIG_KEY)
-    if text is None:
-        if options.sliding_window is None:
-            return None, "no kvc.model_config metadata and no sliding_window option: full attention assumed"
-        return options.sliding_window, "from the sliding_window option"
-    try:
-        window = json.loads(text).get("sliding_window")
-    except (json.JSONDecodeError, AttributeError):
-        raise GraphError(f"metadata {MODEL_CONFIG_KEY} is not a JSON object; re-export the model") from None
-    if options.sliding_window is not None and options.sliding_window != window:
-        raise GraphError(f"sliding_window option {options.sliding_window} contradicts the model's own "
-                         f"{window} ({MODEL_CONFIG_KEY} metadata); drop the option")
-    return window, f"from {MODEL_CONFIG_KEY} metadata"
-
+# --- preconditions ----------------------------------------------------------------------------
 
 def _check_attention_mask_only_feeds_masks(graph: ir.Graph, layers: list[FusedLayer]) -> None:
     """attention_mask must become dead once the Attention masks are replaced; else refuse now."""

@@ -1,4 +1,4 @@
-"""Reshape targets computed from Shape ops -> constants with 0 (copy this input dim) and -1.
+"""TVM lowering: Reshape targets computed from Shape ops -> constants with 0 (copy this input dim) and -1.
 
 Exporters write ``x.view(b, s, heads, head_dim)`` as Reshape(x, Concat(Gather(Shape(x), 0),
 Gather(Shape(x), 1), heads, head_dim)). With two symbolic dims (batch, seq) the target cannot be
@@ -81,8 +81,8 @@ def _refine_shapes(model: ir.Model) -> None:
                 out.shape = ir.Shape([source[p] for p in perm])
 
 
-class ReshapeToStaticPass(KvcPass):
-    name = "reshape_to_static"
+class LowerTvmStaticReshapesPass(KvcPass):
+    name = "lower_tvm_static_reshapes"
 
     def apply(self, model: ir.Model) -> PassReport:
         report = PassReport(self.name)

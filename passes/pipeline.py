@@ -1,6 +1,8 @@
-"""The ordered default pipeline: canonicalize -> fuse RMSNorm / RoPE / attention -> KV ring buffer
--> KV quantization. Optionally dumps the graph after each pass and verifies each I/O-preserving
-pass against its input with ONNX Runtime on random inputs."""
+"""The ordered pipeline: neutral passes (canonicalize -> fuse RMSNorm / RoPE / attention -> KV ring buffer
+-> KV quantization), then one engine's lowering passes, all run by ``run_passes``, which reports each,
+optionally dumps the graph after each (numbered) and verifies each I/O-preserving pass against its
+input with ONNX Runtime on random inputs. Passes take typed options only: what the model is (its
+window, its max positions) is resolved before, by kvc.compiler.model_description."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,43 +11,48 @@ from typing import Callable, Optional
 
 import onnx_ir as ir
 
+from kvc.contract import EngineKind, KvDtype
 from kvc.passes.base import KvcPass, PassReport
+from kvc.passes.kv_layout import Fp8Scales
 
 
 @dataclass(frozen=True)
 class PipelineOptions:
     capacity: int
-    kv_dtype: str = "fp32"
-    sliding_window: Optional[int] = None
-    fp8_scales: Optional[dict] = None  # {"key": [[per kv head] per layer], "value": ...} from kvc calibrate
+    kv_dtype: KvDtype = KvDtype.FP32
+    sliding_window: Optional[int] = None  # the model's attention window (None: full attention)
+    fp8_scales: Optional[Fp8Scales] = None  # static fp8 scales from kvc calibrate (None: dynamic)
     max_positions: Optional[int] = None  # rows of materialised RoPE caches (the model's max positions)
 
 
 def default_passes(options: PipelineOptions) -> list[KvcPass]:
+    """The engine-neutral passes, in order."""
     from kvc.passes.fusion_pipeline import FusionOptions, build_fusion_passes
-    from kvc.passes.kv_layout import Fp8Scales, KvQuantOptions, RingBufferOptions, parse_kv_dtype
+    from kvc.passes.kv_layout import KvQuantOptions, RingBufferOptions
     from kvc.passes.kv_quantize import KvQuantizePass
     from kvc.passes.kv_ring_buffer import KvRingBufferPass
 
     passes = build_fusion_passes(FusionOptions(max_positions=options.max_positions))
     passes.append(KvRingBufferPass(RingBufferOptions(capacity=options.capacity,
                                                      sliding_window=options.sliding_window)))
-    dtype = parse_kv_dtype(options.kv_dtype)
-    scales = Fp8Scales.from_dict(options.fp8_scales) if options.fp8_scales is not None else None
-    passes.append(KvQuantizePass(KvQuantOptions(dtype=dtype, fp8_scales=scales)))
+    passes.append(KvQuantizePass(KvQuantOptions(dtype=KvDtype(options.kv_dtype), fp8_scales=options.fp8_scales)))
     return passes
 
 
-def lowering_passes(engine: str) -> list[KvcPass]:
-    """Engine-specific lowering ("ort" | "tvm"), run after the neutral passes by the same runner."""
-    if engine == "ort":
+def lowering_passes(engine: EngineKind | str) -> list[KvcPass]:
+    """One engine's lowering, run after the neutral passes by the same runner."""
+    if EngineKind(engine) is EngineKind.ORT:
         from kvc.passes.fold_reshape_shapes import FoldReshapeShapesPass
+        from kvc.passes.lower_ort_fp8_scatter import LowerOrtFp8ScatterPass
         from kvc.passes.lower_ort_live_slots import LowerOrtLiveSlotsPass
         from kvc.passes.lower_ort_pack_projections import LowerOrtPackProjectionsPass
 
         # fewer nodes per step first (shape inference still sees the static capacity), then live slots
-        return [FoldReshapeShapesPass(), LowerOrtPackProjectionsPass(), LowerOrtLiveSlotsPass()]
-    return []
+        return [FoldReshapeShapesPass(), LowerOrtPackProjectionsPass(), LowerOrtFp8ScatterPass(),
+                LowerOrtLiveSlotsPass()]
+    from kvc.passes.lower_tvm_static_reshapes import LowerTvmStaticReshapesPass
+
+    return [LowerTvmStaticReshapesPass()]
 
 
 Verifier = Callable[[ir.Model, ir.Model], float]

@@ -5,7 +5,7 @@ Conventions (stated in every output):
 - Byte units: GB = 1e9 bytes (decimal), GiB = 2**30 bytes (binary).
 - The cache holds ``min(context, sliding_window)`` tokens per sequence: kvc's ring buffer is exact
   for windowed models at any context once its capacity covers the window.
-- Quantized caches carry scales (see passes/kv_layout.py): int8 and dynamic fp8 keep one float32
+- Quantized caches carry scales (see kvc.contract and passes/kv_layout.py): int8 and dynamic fp8 keep one float32
   scale per token per kv head, for K and for V; static fp8 keeps one float32 per layer per kv head
   for K and for V, shared by all sequences.
 - Memory counts weights + KV cache only: activations and runtime workspace come on top.
@@ -17,9 +17,9 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
+from kvc.contract import KvDtype, ScaleKind
 from kvc.errors import KvcError
 from kvc.models.config import Family, ModelConfig
-from kvc.passes.kv_layout import KvDtype, ScaleKind
 
 SCALE_BYTES = 4  # scales are float32
 GB = 10**9

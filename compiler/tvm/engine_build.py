@@ -7,6 +7,11 @@ Entry functions (all tensors on the device; caches updated in place and returned
   decode_b1(input_ids [1, 1],   position_ids [1, 1],   past_len [1], caches[1, ...]..., weights...)
 decode_b1 has only static shapes: fewer shape computations per step, and the kernels MetaSchedule
 can tune (--tune-trials).
+
+The graph arrives fully lowered for TVM (kvc.passes.pipeline.lowering_passes(EngineKind.TVM)); this
+module only imports it (kvc.compiler.tvm.onnx_import.from_onnx, once per entry) and builds. With
+--dump-passes, the Relax module is written as text after import and after each phase of the build
+(kvc.compiler.tvm.relax_dump).
 """
 from __future__ import annotations
 
@@ -21,14 +26,15 @@ from tvm import relax
 from kvc.compiler.options import CompileOptions, Device
 from kvc.compiler.ort_build import in_place_aliases
 from kvc.compiler.tvm.decode_fusion import fuse_decode, rename_global_vars
+from kvc.compiler.tvm.relax_dump import RelaxDump
 from kvc.compiler.tvm.tuning import TUNING_DIR
+from kvc.contract import ENTRY_NAMES, INPUT_IDS, POSITION_IDS, Entry, is_past
 from kvc.errors import KvcError
 from kvc.runtime.artifact import EntryPoint
 
 LIB_DIR = "lib"
 PARAMS = "params.safetensors"
-SINGLE_ROW_DECODE = "decode_b1"  # decode with every shape static (batch 1): MetaSchedule can tune it
-ENTRY_NAMES = ("prefill", "decode", SINGLE_ROW_DECODE)
+DECODE_ENTRIES = (Entry.DECODE, Entry.DECODE_B1)  # one new token per row; DECODE_B1 also batch 1
 
 
 def tvm_target(options: CompileOptions) -> tvm.target.Target:
@@ -61,58 +67,31 @@ def _llvm_cpu_names() -> set[str]:
     return set(codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm"})))
 
 
-DECODE_SHAPES = ("input_ids", "position_ids")  # [batch, seq] inputs fixed to seq = 1 in decode
+DECODE_SHAPES = (INPUT_IDS, POSITION_IDS)  # [batch, seq] inputs fixed to seq = 1 in decode
 
 
 def import_entry_points(model: ir.Model, target_kind: str = "llvm") -> tuple[tvm.IRModule, dict[str, list[str]], dict[str, np.ndarray]]:
     """Relax module with `prefill` (symbolic seq), `decode` (seq = 1, so GEMV schedules apply) and
     `decode_b1` (seq = 1 and batch = 1: static shapes, the common single-request step); each
-    entry's weight parameter names (the entries share one weight set) and all weight values."""
-    from kvc.passes.reshape_to_static import ReshapeToStaticPass
-
-    ReshapeToStaticPass()(model)  # TVM's importer needs reshape targets without shape arithmetic
-    _scatter_in_cache_dtype(model)
+    entry's weight parameter names (the entries share one weight set) and all weight values.
+    ``model`` is read, not changed (decode imports a specialized copy)."""
+    prefill = Entry.PREFILL.value
     prefill_mod = _import(ir.to_proto(model), target_kind)
     weights: dict[str, np.ndarray] = {}
-    entry_params = {"prefill": _take_weights(prefill_mod["main"], weights)}
+    entry_params = {prefill: _take_weights(prefill_mod["main"], weights)}
     bb = relax.BlockBuilder(tvm.IRModule({gv: f for gv, f in prefill_mod.functions.items()
                                           if gv.name_hint != "main"}))
-    bb.add_func(prefill_mod["main"].without_attr("params").with_attr("global_symbol", "prefill"), "prefill")
-    for entry, batch in (("decode", None), (SINGLE_ROW_DECODE, 1)):
+    bb.add_func(prefill_mod["main"].without_attr("params").with_attr("global_symbol", prefill), prefill)
+    for entry in DECODE_ENTRIES:
+        batch = 1 if entry is Entry.DECODE_B1 else None
         mod = _import(ir.to_proto(_specialize_decode(model, batch)), target_kind)
-        entry_params[entry] = _take_weights(mod["main"], weights)
+        entry_params[entry.value] = _take_weights(mod["main"], weights)
         # the entry's kernels join the module (identical ones are shared); its calls are re-pointed
-        renamed = {gv: bb.add_func(func, f"{entry}_{gv.name_hint}")
+        renamed = {gv: bb.add_func(func, f"{entry.value}_{gv.name_hint}")
                    for gv, func in mod.functions.items() if gv.name_hint != "main"}
         main = rename_global_vars(mod["main"], renamed)
-        bb.add_func(main.without_attr("params").with_attr("global_symbol", entry), entry)
+        bb.add_func(main.without_attr("params").with_attr("global_symbol", entry.value), entry.value)
     return bb.get(), entry_params, weights
-
-
-def _scatter_in_cache_dtype(model: ir.Model) -> None:
-    """Undo the ORT-only fp8 detour present = Cast(TensorScatter(Cast(past, fp16), update16), fp8)
-    (ORT's CPU TensorScatter has no float8 kernel): TVM scatters the fp8 bytes in place directly.
-    Casting the update back is exact: it holds fp8 values widened to fp16."""
-    for node in list(model.graph):
-        if node.op_type != "TensorScatter":
-            continue
-        widen = node.inputs[0].producer()
-        users = list(node.outputs[0].uses())
-        if widen is None or widen.op_type != "Cast" or widen.inputs[0] not in model.graph.inputs \
-                or len(users) != 1 or users[0].node.op_type != "Cast":
-            continue
-        narrow = users[0].node
-        past, present = widen.inputs[0], narrow.outputs[0]
-        cast_update = ir.node("Cast", [node.inputs[1]], attributes={"to": past.dtype})
-        scatter = ir.node("TensorScatter", [past, cast_update.outputs[0], node.inputs[2]],
-                          attributes={k: a for k, a in node.attributes.items()})
-        model.graph.insert_before(node, [cast_update, scatter])
-        present.replace_all_uses_with(scatter.outputs[0], replace_graph_outputs=True)
-        scatter.outputs[0].name, scatter.outputs[0].shape, scatter.outputs[0].type = \
-            present.name, present.shape, present.type
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-    RemoveUnusedNodesPass()(model)
 
 
 def _take_weights(func: relax.Function, weights: dict[str, np.ndarray]) -> list[str]:
@@ -148,18 +127,11 @@ def _specialize_decode(model: ir.Model, batch: int | None) -> ir.Model:
 
 
 def _import(proto, target_kind: str) -> tvm.IRModule:
-    from kvc.compiler.tvm import onnx_import
+    from kvc.compiler.tvm.onnx_import import ImportOptions, from_onnx
     from kvc.compiler.tvm.target import TargetKind
-    from kvc.compiler.tvm_inplace import InPlaceTensorScatter
 
-    graph = proto.graph
-    converters = dict(onnx_import._standard_domain_converters(graph))
-    converters["TensorScatter"] = InPlaceTensorScatter
-    importer = onnx_import.KvcGraphImporter(graph, converters, onnx_import._input_shapes(graph, {}),
-                                            onnx_import.ImportOptions(keep_params_in_input=True,
-                                                                      target_kind=TargetKind(target_kind)))
-    mod = importer.from_onnx(graph, onnx_import._default_opset(proto))
-    return relax.transform.DeadCodeElimination()(mod)
+    return from_onnx(proto, options=ImportOptions(keep_params_in_input=True, in_place_cache_writes=True,
+                                                  target_kind=TargetKind(target_kind)))
 
 
 def lowering_steps() -> list:
@@ -169,12 +141,13 @@ def lowering_steps() -> list:
     return [backend.DispatchSampling(), backend.DispatchSortScan(), transform.LegalizeOps(), _fuse_decode_pass]
 
 
-def relax_pipeline(target: tvm.target.Target, database=None):
+def relax_pipeline(target: tvm.target.Target, database=None, dump: RelaxDump | None = None):
     """TVM's default build steps with dlight schedules applied after legalization: kvc's weight
     matmul rule, GEMV and reductions on the CPU, matmul/GEMV/reduction rules plus a thread-binding
     fallback on CUDA; kernels in the MetaSchedule ``database`` get their tuned schedule first.
     Only decode is fused (kvc.compiler.tvm.decode_fusion): FuseOps loses the definition of
-    prefill's data-dependent query length (VMShapeLower then fails)."""
+    prefill's data-dependent query length (VMShapeLower then fails). ``dump`` writes the module
+    after each phase: legalized and fused, tuned, scheduled, lowered to the VM."""
     from tvm.relax import transform
     from tvm.s_tir import dlight as dl
 
@@ -187,28 +160,39 @@ def relax_pipeline(target: tvm.target.Target, database=None):
         rules = [CpuWeightMatmul(), dl.cpu.GEMV(), dl.cpu.Reduction()]
     tuned = [apply_database_pass(database)] if database is not None else []
 
+    phases = [
+        ("legalize_and_fuse", lowering_steps()),
+        ("apply_tuning_database", tuned),
+        ("schedule", [dl.ApplyDefaultSchedule(*rules)]),
+        ("lower_to_vm", [transform.RewriteDataflowReshape(), transform.ToNonDataflow(),
+                         transform.RemovePurityChecking(), transform.CallTIRRewrite(),
+                         transform.StaticPlanBlockMemory(), transform.LowerAllocTensor(),
+                         transform.KillAfterLastUse(), transform.LowerRuntimeBuiltin(),
+                         transform.ComputePrimValue(), transform.VMShapeLower(), transform.AttachGlobalSymbol()]),
+    ]
+    steps = []
+    for name, passes in phases:
+        if passes:
+            steps += passes + ([dump.after(name)] if dump is not None else [])
+
     @tvm.transform.module_pass(opt_level=0)
     def pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
-            return tvm.transform.Sequential([
-                *lowering_steps(), *tuned, dl.ApplyDefaultSchedule(*rules),
-                transform.RewriteDataflowReshape(), transform.ToNonDataflow(), transform.RemovePurityChecking(),
-                transform.CallTIRRewrite(), transform.StaticPlanBlockMemory(), transform.LowerAllocTensor(),
-                transform.KillAfterLastUse(), transform.LowerRuntimeBuiltin(), transform.ComputePrimValue(),
-                transform.VMShapeLower(), transform.AttachGlobalSymbol(),
-            ])(mod)
+            return tvm.transform.Sequential(steps)(mod)
 
     return pipeline
 
 
 @tvm.transform.module_pass(opt_level=0, name="KvcFuseDecode")
 def _fuse_decode_pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    for entry in ("decode", SINGLE_ROW_DECODE):
-        mod = fuse_decode(mod, entry)
+    for entry in DECODE_ENTRIES:
+        mod = fuse_decode(mod, entry.value)
     return mod
 
 
-def build_tvm(model: ir.Model, staging: Path, options: CompileOptions, progress=print) -> tuple[list[EntryPoint], dict]:
+def build_tvm(model: ir.Model, staging: Path, options: CompileOptions, progress=print,
+              dump: RelaxDump | None = None) -> tuple[list[EntryPoint], dict]:
+    """Build the lowered ``model`` (read, not changed) into ``staging``; entry points and engine options."""
     from safetensors.numpy import save_file
 
     aliases = in_place_aliases(model)
@@ -217,9 +201,11 @@ def build_tvm(model: ir.Model, staging: Path, options: CompileOptions, progress=
     if options.device is Device.CUDA and tvm.get_global_func("target.build.cuda", allow_missing=True) is None:
         raise KvcError("this TVM build has no CUDA code generator; use --target cpu or a CUDA-enabled TVM")
     mod, entry_params, weights = import_entry_points(model, target.kind.name)
+    if dump is not None:
+        dump.write("import", mod)
     database = _tune(mod, target, staging, options, progress)
     progress(f"tvm: building {', '.join(ENTRY_NAMES)} for {target.kind.name}")
-    executable = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target, database))
+    executable = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target, database, dump))
     (staging / LIB_DIR).mkdir()
     lib_name = f"{LIB_DIR}/{target.kind.name}.so"
     executable.export_library(str(staging / lib_name))
@@ -231,7 +217,7 @@ def build_tvm(model: ir.Model, staging: Path, options: CompileOptions, progress=
     llvm_cpu = str(target.attrs["mcpu"]) if target.kind.name == "llvm" and "mcpu" in target.attrs else None
     return entries, {"lib": lib_name, "params": PARAMS, "target": target.kind.name, "llvm_cpu": llvm_cpu,
                      "entry_params": entry_params, "tuning": TUNING_DIR if database is not None else None,
-                     "cache_inputs": [v.name for v in model.graph.inputs if v.name.startswith("past_key_values.")]}
+                     "cache_inputs": [v.name for v in model.graph.inputs if is_past(v.name)]}
 
 
 def _tune(mod: tvm.IRModule, target: tvm.target.Target, staging: Path, options: CompileOptions, progress):
@@ -246,7 +232,7 @@ def _tune(mod: tvm.IRModule, target: tvm.target.Target, staging: Path, options: 
     if options.tune_trials > 0:
         with target:
             lowered = tvm.transform.Sequential(lowering_steps())(mod)
-        tune(hot_kernels(lowered, SINGLE_ROW_DECODE), target, database, options.tune_trials, progress)
+        tune(hot_kernels(lowered, Entry.DECODE_B1.value), target, database, options.tune_trials, progress)
     return database
 
 

@@ -6,12 +6,14 @@ op, builds RMSNormalization wrongly for axis 0 and refuses blocked QuantizeLinea
 subclass of its graph importer consults kvc's table first, for standard-domain nodes only; every
 other op goes to TVM's own converter. Nothing global changes, so this is safe next to other users.
 
+This module's ``from_onnx`` is the one route from ONNX into Relax: the engine build
+(kvc.compiler.tvm.build) and the tests call it, with ``ImportOptions`` saying what differs.
+
 All graph inputs get explicit shapes up front: a dim named in ``shape_dict`` or by ``dim_param``
 becomes one shared symbolic ``tir.Var`` per name, so e.g. every "batch" dim is the same variable.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ ShapeDict = Mapping[str, "list[int | str | tvm.tirx.Var]"]
 @dataclass(frozen=True)
 class ImportOptions:
     keep_params_in_input: bool = False  # initializers as trailing parameters instead of folded constants
+    in_place_cache_writes: bool = False  # ring writes to a cache parameter via call_tir_inplace (the engine build)
     target_kind: TargetKind = TargetKind.LLVM  # what the module will be built for
     attention_kernels: bool = True  # kvc's TIR kernels for ring-buffer Attention (llvm only; attention_kernels.py)
     kernel_chunk_size: int = 64  # cache slots per step / per parallel task in those kernels
@@ -128,7 +131,7 @@ class KvcGraphImporter(tvm_onnx.ONNXGraphImporter):
         return Producer(node.op_type, self._parse_attr(node.attribute), inputs)
 
 
-def from_onnx(model: onnx.ModelProto, shape_dict: ShapeDict | None = None, keep_params_in_input: bool = False,
+def from_onnx(model: onnx.ModelProto, shape_dict: ShapeDict | None = None,
               options: ImportOptions = ImportOptions()) -> tvm.IRModule:
     """Import ``model`` into a Relax IRModule with a ``main`` function.
 
@@ -136,19 +139,25 @@ def from_onnx(model: onnx.ModelProto, shape_dict: ShapeDict | None = None, keep_
     there keep their ONNX shape, with dim_param names as symbolic dims. Pinning the new-token dim to 1
     (e.g. {"input_ids": ["batch", 1], "position_ids": ["batch", 1]}) gives the decode entry point.
     Ring-buffer Attention nodes use kvc's prefill / decode kernels, which are CPU kernels: pass
-    options with the target kind when building for CUDA. keep_params_in_input=True makes initializers
-    trailing function parameters (values in the function's "params" attribute) instead of folded
-    constants; it is the same switch as ``options.keep_params_in_input`` (either turns it on).
+    options with the target kind when building for CUDA. ``options.keep_params_in_input`` makes
+    initializers trailing function parameters (values in the function's "params" attribute) instead
+    of folded constants; ``options.in_place_cache_writes`` writes ring caches in place.
     """
-    if keep_params_in_input and not options.keep_params_in_input:
-        options = dataclasses.replace(options, keep_params_in_input=True)
     if model.ir_version < 3:
         raise GraphError(f"ONNX IR version {model.ir_version} is too old; re-export with a current exporter")
     graph = model.graph
-    importer = KvcGraphImporter(graph, _standard_domain_converters(graph), _input_shapes(graph, shape_dict or {}),
-                                options)
+    importer = KvcGraphImporter(graph, _converters(graph, options), _input_shapes(graph, shape_dict or {}), options)
     mod = importer.from_onnx(graph, _default_opset(model))
     return relax.transform.DeadCodeElimination()(mod)  # e.g. cache dequantizations the kernels made unused
+
+
+def _converters(graph: onnx.GraphProto, options: ImportOptions) -> dict[str, type]:
+    converters = _standard_domain_converters(graph)
+    if options.in_place_cache_writes:
+        from kvc.compiler.tvm.inplace import InPlaceTensorScatter
+
+        converters["TensorScatter"] = InPlaceTensorScatter
+    return converters
 
 
 def _standard_domain_converters(graph: onnx.GraphProto) -> dict[str, type]:

@@ -9,11 +9,11 @@ import math
 
 import pytest
 
-from kvc.compiler.plan import (GIB, Plan, PlanRequest, WeightsDtype, format_bytes, make_plan, parse_bandwidth,
+from kvc.tools.plan import (GIB, Plan, PlanRequest, WeightsDtype, format_bytes, make_plan, parse_bandwidth,
                                parse_memory, plan_rows, plan_to_dict)
 from kvc.errors import KvcError
 from kvc.models.known_models import DEFAULT_DTYPES, KNOWN_MODELS
-from kvc.passes.kv_layout import KvDtype, ScaleKind
+from kvc.contract import KvDtype, ScaleKind
 
 LLAMA2_7B = KNOWN_MODELS["llama-2-7b"]
 LLAMA2_7B_PARAMS = 6_738_415_616  # published (safetensors total of meta-llama/Llama-2-7b-hf)

@@ -10,14 +10,16 @@ def legalized_entry_points(exported, kv_dtype: str):
     import tvm
     from tvm import relax
 
-    from kvc.compiler.tvm_build import import_entry_points
+    from kvc.compiler.tvm.engine_build import import_entry_points
+    from kvc.contract import EngineKind
     from kvc.passes.graph_checks import load_model_checked
-    from kvc.passes.pipeline import PipelineOptions, default_passes, run_passes
+    from kvc.passes.pipeline import PipelineOptions, default_passes, lowering_passes, run_passes
 
     _, config, onnx_path = exported("tiny")
     model = load_model_checked(onnx_path)
     run_passes(model, default_passes(PipelineOptions(capacity=32, kv_dtype=kv_dtype,
-                                                     max_positions=config.max_position_embeddings)))
+                                                     max_positions=config.max_position_embeddings))
+               + lowering_passes(EngineKind.TVM))
     mod, _, _ = import_entry_points(model, "llvm")
     with tvm.target.Target({"kind": "llvm"}):
         return relax.transform.LegalizeOps()(mod)

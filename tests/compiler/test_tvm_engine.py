@@ -108,18 +108,20 @@ def test_tuned_schedules_replace_the_default_ones(exported, tuned):
 
     from kvc.compiler.options import CompileOptions
     from kvc.compiler.tvm import tuning
-    from kvc.compiler.tvm_build import SINGLE_ROW_DECODE, import_entry_points, lowering_steps, tvm_target
+    from kvc.compiler.tvm.engine_build import import_entry_points, lowering_steps, tvm_target
+    from kvc.contract import EngineKind, Entry
     from kvc.passes.graph_checks import load_model_checked
-    from kvc.passes.pipeline import PipelineOptions, default_passes, run_passes
+    from kvc.passes.pipeline import PipelineOptions, default_passes, lowering_passes, run_passes
 
     _, config, onnx_path = exported("tiny")
     model = load_model_checked(onnx_path)
-    run_passes(model, default_passes(PipelineOptions(capacity=32, max_positions=config.max_position_embeddings)))
+    run_passes(model, default_passes(PipelineOptions(capacity=32, max_positions=config.max_position_embeddings))
+               + lowering_passes(EngineKind.TVM))
     mod, _, _ = import_entry_points(model, "llvm")
     database = ms.database.JSONDatabase(*(str(tuned[0] / "tuning" / n) for n in tuning.DB_FILES))
     with tvm_target(CompileOptions()):
         lowered = tvm.transform.Sequential(lowering_steps())(mod)
-        hot = [gv.name_hint for gv in tuning.hot_kernels(lowered, SINGLE_ROW_DECODE).functions]
+        hot = [gv.name_hint for gv in tuning.hot_kernels(lowered, Entry.DECODE_B1.value).functions]
         applied = tuning.apply_database_pass(database)(lowered)
     assert hot and all("tirx.is_scheduled" in (applied[name].attrs or {}) for name in hot)
     assert not any("tirx.is_scheduled" in (lowered[name].attrs or {}) for name in hot)

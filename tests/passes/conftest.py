@@ -73,7 +73,8 @@ def kit() -> type[Kit]:
 
 
 def _export_kvc_dynamo(model, config, path: Path) -> None:
-    from kvc.models.export import CONFIG_KEY, _FlatKV, _sample_inputs, input_names, present_names
+    from kvc.contract import MODEL_CONFIG_KEY
+    from kvc.models.export import _FlatKV, _sample_inputs, input_names, present_names
 
     args = _sample_inputs(config)  # the same trace inputs as kvc's TorchScript export
     dyn = torch.export.Dim.DYNAMIC
@@ -85,7 +86,7 @@ def _export_kvc_dynamo(model, config, path: Path) -> None:
                           dynamic_shapes=shapes, opset_version=18, dynamo=True, verbose=False, optimize=False,
                           external_data=False)
     proto = onnx.load(str(path))
-    proto.metadata_props.add(key=CONFIG_KEY, value=config.to_json())  # as kvc's own exporter does
+    proto.metadata_props.add(key=MODEL_CONFIG_KEY, value=config.to_json())  # as kvc's own exporter does
     onnx.save(proto, str(path))
 
 

@@ -17,17 +17,17 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from kvc.passes.kv_layout import (
+from kvc.contract import (
     ATTENTION_MASK,
     INPUT_IDS,
     LOGITS,
     MODEL_CONFIG_KEY,
     PAST_LEN,
     POSITION_IDS,
-    KvCacheLayout,
     past_name,
     present_name,
 )
+from kvc.passes.kv_layout import KvCacheLayout
 
 FLOAT, INT64, BOOL = ir.DataType.FLOAT, ir.DataType.INT64, ir.DataType.BOOL
 

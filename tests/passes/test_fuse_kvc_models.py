@@ -9,16 +9,17 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from kvc.passes.fusion_pipeline import FUSION_PASSES, run_fusions
+from kvc.passes.fusion_pipeline import FUSION_PASSES, FusionOptions, run_fusions
 
 PRESETS = ["tiny", "tiny-qwen2", "tiny-mistral", "tiny-gpt2"]
 
 
 @functools.lru_cache(maxsize=None)
-def fused_copy(path):
-    """The fused model and its reports (cached: the tests only read them)."""
+def fused_copy(path, max_positions: int):
+    """The fused model and its reports (cached: the tests only read them); RoPE tables of
+    ``max_positions`` rows, as the compiler's model description says for kvc exports."""
     model = ir.load(path)
-    reports = run_fusions(model)
+    reports = run_fusions(model, FusionOptions(max_positions=max_positions))
     return model, {r.name: r for r in reports}
 
 
@@ -45,7 +46,7 @@ def check_outputs_unchanged(kit, config, path, model, seed):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_kvc_export_fuses_every_layer_and_keeps_outputs(kit, kvc_export, preset):
     config, path = kvc_export(preset, "torchscript")
-    model, reports = fused_copy(path)
+    model, reports = fused_copy(path, config.max_position_embeddings)
     counts = kit.op_counts(model)
     for op, n in expected_counts(config).items():
         assert counts[op] == n, (op, counts)
@@ -58,7 +59,7 @@ def test_kvc_export_fuses_every_layer_and_keeps_outputs(kit, kvc_export, preset)
 @pytest.mark.parametrize("preset", ["tiny"])  # ~25 s per torch.export; GPT-2 dynamo runs in the HF tests
 def test_dynamo_export_fuses_every_layer_and_keeps_outputs(kit, kvc_export, preset):
     config, path = kvc_export(preset, "dynamo")
-    model, _ = fused_copy(path)
+    model, _ = fused_copy(path, config.max_position_embeddings)
     counts = kit.op_counts(model)
     for op, n in expected_counts(config).items():
         assert counts[op] == n, (op, counts)
@@ -68,7 +69,7 @@ def test_dynamo_export_fuses_every_layer_and_keeps_outputs(kit, kvc_export, pres
 def test_attention_takes_past_and_produces_the_present_outputs(kvc_export):
     """The contract the KV ring-buffer pass relies on."""
     config, path = kvc_export("tiny", "torchscript")
-    model, _ = fused_copy(path)
+    model, _ = fused_copy(path, config.max_position_embeddings)
     inputs = {v.name: v for v in model.graph.inputs}
     outputs = {v.name: v for v in model.graph.outputs}
     attentions = [n for n in model.graph if n.op_type == "Attention"]
@@ -87,7 +88,7 @@ def test_attention_takes_past_and_produces_the_present_outputs(kvc_export):
 
 def test_rotary_reads_a_materialised_cache_by_position_ids(kvc_export):
     config, path = kvc_export("tiny", "torchscript")
-    model, reports = fused_copy(path)
+    model, reports = fused_copy(path, config.max_position_embeddings)
     ropes = [n for n in model.graph if n.op_type == "RotaryEmbedding"]
     caches = {n.inputs[1] for n in ropes}
     assert len(caches) == 1  # one table shared by all layers

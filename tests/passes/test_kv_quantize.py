@@ -16,19 +16,10 @@ import pytest
 from kvc.errors import GraphError, KvcError
 from kvc.passes import kv_codec
 from kvc.passes.kv_codec import KvCodec
-from kvc.passes.kv_layout import (
-    KINDS,
-    Fp8Scales,
-    KvCacheLayout,
-    KvDtype,
-    KvQuantOptions,
-    RingBufferOptions,
-    ScaleKind,
-    parse_kv_dtype,
-    past_name,
-    past_scale_name,
-)
+from kvc.contract import KINDS, KvDtype, ScaleKind, parse_kv_dtype, past_name, past_scale_name
+from kvc.passes.kv_layout import Fp8Scales, KvCacheLayout, KvQuantOptions, RingBufferOptions, ir_dtype
 from kvc.passes.kv_quantize import KvQuantizePass
+from kvc.passes.lower_ort_fp8_scatter import LowerOrtFp8ScatterPass
 from kvc.passes.kv_ring_buffer import KvRingBufferPass
 from ring_oracle import RingCache, ring_step
 from synthetic import DecoderSpec, RingRunner, build_fused_decoder, fuse, random_weights
@@ -65,6 +56,7 @@ def quantized_graph(options: KvQuantOptions, **kwargs):
     model, weights = ring_graph(**kwargs)
     quantize = KvQuantizePass(options)
     quantize(model)
+    LowerOrtFp8ScatterPass()(model)  # these tests run the graph on ONNX Runtime
     return model, weights, quantize.report
 
 
@@ -185,7 +177,7 @@ def test_quantized_interface_matches_the_layout(case):
     inputs = {v.name: v for v in model.graph.inputs}
     outputs = {v.name: v for v in model.graph.outputs}
     for past, present in layout.cache_names():
-        want_dtype = ir.DataType.FLOAT if past.endswith("_scale") else options.dtype.ir_dtype
+        want_dtype = ir.DataType.FLOAT if past.endswith("_scale") else ir_dtype(options.dtype)
         want_shape = [2, CAPACITY, 1 if past.endswith("_scale") else 8]
         for value in (inputs[past], outputs[present]):
             assert value.dtype == want_dtype, value.name
@@ -251,8 +243,8 @@ def test_scales_round_trip_the_calibration_json():
 
 
 def test_ort_cpu_still_lacks_float8_tensor_scatter():
-    """Why the fp8 ring is scattered through float16 (kv_quantize.FP8_SCATTER_CARRIER). When this fails,
-    ONNX Runtime has gained the kernel: scatter float8 directly and drop the two Casts."""
+    """Why the ORT engine's fp8 ring is scattered through float16 (kvc.passes.lower_ort_fp8_scatter). When
+    this fails, ONNX Runtime has gained the kernel: drop that lowering pass."""
     h = onnx.helper
     f8 = onnx.TensorProto.FLOAT8E4M3FN
     inputs = [h.make_tensor_value_info("c", f8, [1, 1, 4, 2]), h.make_tensor_value_info("u", f8, [1, 1, 1, 2]),
@@ -283,6 +275,7 @@ def test_quantized_fused_export_stays_close_to_fp32(tiny_ring, rng, case):
     (observed: fp16 0.02%, int8 0.4%, fp8 2%)."""
     quantized = tiny_ring.clone()
     KvQuantizePass(CASES[case])(quantized)
+    LowerOrtFp8ScatterPass()(quantized)
     reference, runner = RingRunner(tiny_ring.clone(), batch=2), RingRunner(quantized, batch=2)
     vocab = tiny_ring.graph.outputs[0].shape[-1]
     ids = rng.integers(0, vocab, (2, 7), dtype=np.int64)

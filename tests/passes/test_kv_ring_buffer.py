@@ -14,13 +14,8 @@ import onnxruntime as ort
 import pytest
 
 from kvc.errors import GraphError, KvcError
-from kvc.passes.kv_layout import (
-    ATTENTION_MASK,
-    LAYOUT_KEY,
-    MODEL_CONFIG_KEY,
-    KvCacheLayout,
-    RingBufferOptions,
-)
+from kvc.contract import ATTENTION_MASK, LAYOUT_KEY
+from kvc.passes.kv_layout import KvCacheLayout, RingBufferOptions
 from kvc.passes.kv_ring_buffer import KvRingBufferPass
 from ring_oracle import RingCache, ring_step, window_forward
 from synthetic import ConcatRunner, DecoderSpec, RingRunner, build_fused_decoder, fuse, random_weights
@@ -31,9 +26,12 @@ SPEC = DecoderSpec()
 
 def ring_model(spec: DecoderSpec, capacity: int, seed: int = 0, *, config_metadata: bool = True,
                sliding_window: int | None = None):
+    """The ring graph of ``spec``; the pass is told the model's window (``spec``'s unless given), as the
+    compiler's model description tells it."""
     weights = random_weights(spec, seed)
     model = build_fused_decoder(spec, weights, config_metadata=config_metadata)
-    rewrite = KvRingBufferPass(RingBufferOptions(capacity=capacity, sliding_window=sliding_window))
+    window = sliding_window if sliding_window is not None else spec.sliding_window
+    rewrite = KvRingBufferPass(RingBufferOptions(capacity=capacity, sliding_window=window))
     rewrite(model)
     return model, weights, rewrite.report
 
@@ -145,13 +143,13 @@ def test_wrap_around_is_sliding_window_attention_of_the_capacity(rng):
                                atol=TOL, rtol=0, err_msg="5-token chunk after the wrap")
 
 
-def test_model_window_from_metadata_keeps_the_concat_graph_exact_after_wrap(rng):
+def test_model_window_keeps_the_concat_graph_exact_after_wrap(rng):
     """A Mistral-style model (window 6) in a ring of 10: the concat graph's own window fits inside the
     ring, so the ring graph equals the concat graph for every step, before and after the wrap."""
     spec = DecoderSpec(sliding_window=6)
     model, weights, report = ring_model(spec, capacity=10)
     assert KvCacheLayout.read_from(model).sliding_window == 6
-    assert any(f"sliding window 6 (from {MODEL_CONFIG_KEY} metadata)" in n for n in report.notes)
+    assert any("sliding window 6" in n for n in report.notes)
     concat = ConcatRunner(build_fused_decoder(spec, weights), batch=2)
     ring = RingRunner(model, batch=2)
     ids, pos = prompt(rng, spec, 2, 5)
@@ -177,25 +175,18 @@ def run_decode(model, rng, spec, steps: int) -> np.ndarray:
     return np.stack(out)
 
 
-def test_window_comes_from_the_option_without_metadata_and_matters():
+def test_window_is_the_option_alone_and_matters():
+    """The pass takes the window from its options only (metadata is the model description's business):
+    the same graph with and without metadata rewrites alike, and full attention differs."""
     spec = DecoderSpec(sliding_window=4)
     with_meta, _, _ = ring_model(spec, 16)
     with_option, _, report = ring_model(spec, 16, config_metadata=False, sliding_window=4)
-    without, _, none_report = ring_model(spec, 16, config_metadata=False)
-    assert any("sliding window 4 (from the sliding_window option)" in n for n in report.notes)
-    assert any("full attention assumed" in n for n in none_report.notes)
+    without = build_fused_decoder(spec, random_weights(spec, 0))
+    KvRingBufferPass(RingBufferOptions(capacity=16))(without)
+    assert any("sliding window 4" in n for n in report.notes)
     reference = run_decode(with_meta, np.random.default_rng(5), spec, 12)
     np.testing.assert_allclose(run_decode(with_option, np.random.default_rng(5), spec, 12), reference, atol=TOL)
     assert np.abs(run_decode(without, np.random.default_rng(5), spec, 12) - reference).max() > 1e-2
-
-
-def test_window_option_contradicting_the_metadata_is_refused():
-    spec = DecoderSpec(sliding_window=6)
-    model = build_fused_decoder(spec, random_weights(spec))
-    before = ir.to_proto(model).SerializeToString()
-    with pytest.raises(GraphError, match="contradicts the model's own 6"):
-        KvRingBufferPass(RingBufferOptions(capacity=16, sliding_window=8))(model)
-    assert ir.to_proto(model).SerializeToString() == before
 
 
 def test_unused_slots_do_not_change_outputs(rng):
@@ -333,14 +324,14 @@ def test_unfused_export_is_refused_naming_the_layer(exported):
 def test_fused_export_equals_its_concat_graph(exported, rng, preset, capacity):
     """kvc export -> fusions -> ring: prompt 7 + 24 decode steps equal the exported concat graph in
     ORT. tiny and tiny-gpt2 (no window) stay inside capacity 40; tiny-mistral (window 8) wraps
-    capacity 12 and must still match, its window being read from the exporter's metadata."""
+    capacity 12 and must still match, its window given to the pass as the compiler's model description does."""
     from kvc.passes.graph_checks import load_model_checked
 
     _, config, path = exported(preset)
     concat = ConcatRunner(load_model_checked(path), batch=2)
     model = load_model_checked(path)
     fuse(model)
-    rewrite = KvRingBufferPass(RingBufferOptions(capacity=capacity))
+    rewrite = KvRingBufferPass(RingBufferOptions(capacity=capacity, sliding_window=config.sliding_window))
     rewrite(model)
     assert rewrite.report.matched == config.num_layers
     assert KvCacheLayout.read_from(model).sliding_window == config.sliding_window

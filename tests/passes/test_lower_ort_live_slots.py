@@ -12,10 +12,11 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from kvc.contract import INPUT_IDS, LOGITS, PAST_LEN, POSITION_IDS
+from kvc.contract import INPUT_IDS, LOGITS, PAST_LEN, POSITION_IDS, KvDtype
 from kvc.errors import GraphError
-from kvc.passes.kv_layout import KvCacheLayout, KvDtype, KvQuantOptions, RingBufferOptions
+from kvc.passes.kv_layout import KvCacheLayout, KvQuantOptions, RingBufferOptions
 from kvc.passes.kv_quantize import KvQuantizePass
+from kvc.passes.lower_ort_fp8_scatter import LowerOrtFp8ScatterPass
 from kvc.passes.kv_ring_buffer import CAPACITY_INITIALIZER, SLOTS_INITIALIZER, KvRingBufferPass
 from kvc.passes.lower_ort_live_slots import SLOTS_DIM, LowerOrtLiveSlotsPass
 from synthetic import DecoderSpec, build_fused_decoder, random_weights
@@ -29,6 +30,7 @@ def ring_graph(dtype: KvDtype, seed: int = 0) -> ir.Model:
     model = build_fused_decoder(SPEC, random_weights(SPEC, seed))
     KvRingBufferPass(RingBufferOptions(capacity=CAPACITY))(model)
     KvQuantizePass(KvQuantOptions(dtype))(model)
+    LowerOrtFp8ScatterPass()(model)  # the ORT lowering that precedes lower_ort_live_slots
     return model
 
 

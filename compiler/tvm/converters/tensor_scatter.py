@@ -5,7 +5,7 @@ Each output slot c of batch b takes the update row written there last, else the 
   linear    j = c - w[b], written when 0 <= j < S
   circular  j = S - 1 - ((w[b] + S - 1 - c) mod C), written when j >= 0 (the last of several wraps wins)
 The result is a new tensor (functional), so the graph stays correct whoever else reads the past cache;
-the TVM engine build swaps in an in-place writer where it is safe (kvc.compiler.tvm_inplace).
+the TVM engine build swaps in an in-place writer where it is safe (kvc.compiler.tvm.inplace).
 """
 from __future__ import annotations
 
