@@ -171,6 +171,8 @@ def _specs():
     return {
         "fp32-gqa2-mask": DecodeAttentionSpec(4, 2, 16, has_mask=True, chunk_size=16),
         "fp32-mha-chunk7": DecodeAttentionSpec(2, 2, 8, chunk_size=7),
+        # one part walks all 6 live chunks: the online softmax rescales across chunks
+        "fp32-gqa2-mask-one-part": DecodeAttentionSpec(4, 2, 16, has_mask=True, chunk_size=7, splits=1),
         "fp16-gqa4": DecodeAttentionSpec(8, 2, 16, cache_dtype="float16", query_dtype="float16", chunk_size=8),
         "int8-per-token-mask": DecodeAttentionSpec(4, 2, 16, cache_dtype="int8", scale_layout=per_token,
                                                    has_mask=True, chunk_size=16),

@@ -4,17 +4,21 @@ One new query token per sequence attends to the first ``lengths[b]`` slots of it
 (kvc's ring contract: slots beyond nonpad_kv_seqlen were never written and are never read, so
 they may hold anything, NaN included), plus an optional additive mask. Two kernels:
 
-  partial  for every (batch, kv head, chunk of ``chunk_size`` slots), in parallel: each slot's key
-           and value are loaded and dequantized once and used by all G = H / K query heads of the
-           group; per head it keeps the chunk's max score m, sum of exp(score - m) and the
-           exp-weighted sum of values;
-  merge    for every (batch, head): rescales the chunks to the global max and normalizes.
+  partial  for every (batch, kv head, part of the live slots), in parallel: the live slots
+           (lengths[b], never the capacity) are cut into chunks of ``chunk_size`` and the chunks
+           into ``splits`` parts; each slot's key and value are loaded and dequantized once and
+           used by all G = H / K query heads of the group; per head a part keeps its max score
+           m, sum of exp(score - m) and the exp-weighted sum of values (online softmax across
+           its chunks);
+  merge    for every (batch, head): rescales the parts to the global max and normalizes.
+Step cost thus follows the live context: a cache compiled for 32K slots costs what 256 do at a
+short context.
 A head with no visible slot (length 0, or every score -inf) outputs zeros, like ONNX's Attention.
 
 Cache dtypes and scales: kvc.compiler.tvm.kernels.kv_read. Scores and accumulators are float32;
 exp is kvc.compiler.tvm.kernels.fast_math.exp_f32 (vectorized, ~1e-7 relative error).
 
-Legend: B batch, H query heads, K kv heads, G = H / K, C capacity (slots), D head size, N chunks.
+Legend: B batch, H query heads, K kv heads, G = H / K, C capacity (slots), D head size, S splits.
 """
 from __future__ import annotations
 
@@ -37,15 +41,23 @@ NEG_INF = float("-inf")
 class DecodeAttentionSpec(AttentionKernelSpec):
     kernel_name = "decode attention"
 
+    # Parts each (batch, kv head) is split into, run in parallel: enough for a few cores at
+    # batch 1 with 3 kv heads; the merge reads splits partial results per head.
+    splits: int = 4
+
     def __post_init__(self):
         super().__post_init__()
-        if self.chunk_size <= 0:
-            raise KvcError("decode attention: chunk_size must be positive")
+        if self.chunk_size <= 0 or self.splits <= 0:
+            raise KvcError("decode attention: chunk_size and splits must be positive")
 
 
 def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
-    """(q, k, v, lengths, k_scale, v_scale, mask) -> (acc [B,H,N,D], max [B,H,N], sum [B,H,N])."""
-    H, K, D, G, CH = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.group_size, spec.chunk_size
+    """(q, k, v, lengths, k_scale, v_scale, mask) -> (acc [B,H,S,D], max [B,H,S], sum [B,H,S]).
+
+    S = spec.splits fixed parts per (batch, kv head): part i walks live chunks i*per .. (i+1)*per-1
+    (per = ceil(live chunks / S)) with an online softmax across its chunks, so the work and the
+    outputs follow the live length, never the capacity C."""
+    H, K, D, G, CH, S = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.group_size, spec.chunk_size, spec.splits
     LANES = vector_lanes(D)
     SUM_LANES = next(n for n in (8, 4, 2, 1) if CH % n == 0)
     sum_lanes = lane_sum(LANES)
@@ -60,7 +72,6 @@ def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, CPU_ONLY_ATTR: True})
         B = T.int64()
         C = T.int64()
-        N = T.int64()
         Q = T.match_buffer(q_handle, (B, H, 1, D), q_dtype)
         KC = T.match_buffer(k_handle, (B, K, C, D), cache_dtype)
         VC = T.match_buffer(v_handle, (B, K, C, D), cache_dtype)
@@ -68,33 +79,43 @@ def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
         KS = T.match_buffer(ks_handle, scale_shape(spec.scale_layout, K, B, C), "float32")
         VS = T.match_buffer(vs_handle, scale_shape(spec.scale_layout, K, B, C), "float32")
         mask = T.match_buffer(mask_handle, _mask_shape(spec, B, C), "float32")
-        acc_out = T.match_buffer(acc_handle, (B, H, N, D), "float32")
-        max_out = T.match_buffer(max_handle, (B, H, N), "float32")
-        sum_out = T.match_buffer(sum_handle, (B, H, N), "float32")
-        for work in T.parallel(B * K * N):
-            with T.sblock("chunk"):
+        acc_out = T.match_buffer(acc_handle, (B, H, S, D), "float32")
+        max_out = T.match_buffer(max_handle, (B, H, S), "float32")
+        sum_out = T.match_buffer(sum_handle, (B, H, S), "float32")
+        for work in T.parallel(B * K * S):
+            with T.sblock("part"):
+                # opaque: the live extents below are let-bound inside the block
+                T.reads()
+                T.writes()
                 q_local = T.sblock_alloc_buffer((G, D), "float32")
                 kv_local = T.sblock_alloc_buffer((D,), "float32")
                 scores = T.sblock_alloc_buffer((G, CH), "float32")
                 m = T.sblock_alloc_buffer((G,), "float32")
                 s = T.sblock_alloc_buffer((G,), "float32")
+                m_chunk = T.sblock_alloc_buffer((G,), "float32")
+                alpha = T.sblock_alloc_buffer((G,), "float32")
                 p = T.sblock_alloc_buffer((1,), "float32")
                 dot = T.sblock_alloc_buffer((LANES,), "float32")
                 part = T.sblock_alloc_buffer((SUM_LANES,), "float32")
                 acc = T.sblock_alloc_buffer((G, D), "float32")
-                b: T.let[T.int64] = work // (K * N)
-                kh: T.let[T.int64] = work // N % K
-                c: T.let[T.int64] = work % N
-                start: T.let[T.int64] = c * CH
-                valid: T.let[T.int64] = T.max(T.min(T.min(lengths[b], C) - start, T.int64(CH)), T.int64(0))
+                b: T.let[T.int64] = work // (K * S)
+                kh: T.let[T.int64] = work // S % K
+                i: T.let[T.int64] = work % S
+                live: T.let[T.int64] = T.max(T.min(lengths[b], C), T.int64(0))
+                per: T.let[T.int64] = ((live + (CH - 1)) // CH + (S - 1)) // S  # chunks per part
+                first: T.let[T.int64] = i * per
                 for g in T.serial(T.int64(G)):
                     m[g] = T.float32(NEG_INF)
                     s[g] = T.float32(0)
                     for d in T.vectorized(T.int64(D)):
                         q_local[g, d] = T.Cast("float32", Q[b, kh * G + g, 0, d]) * T.float32(sm_scale)
                         acc[g, d] = T.float32(0)
-                for t in T.serial(T.int64(CH)):
-                    if t < valid:
+                for ci in T.serial(per):
+                    start: T.let[T.int64] = (first + ci) * CH
+                    valid: T.let[T.int64] = T.max(T.min(live - start, T.int64(CH)), T.int64(0))
+                    for g in T.serial(T.int64(G)):
+                        m_chunk[g] = T.float32(NEG_INF)
+                    for t in T.serial(valid):
                         for d in T.vectorized(T.int64(D)):
                             kv_local[d] = load(KC, KS, b, kh, start + t, d)
                         for g in T.serial(T.int64(G)):
@@ -106,33 +127,39 @@ def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
                             sum_lanes(dot)
                             p[0] = _mask_value(spec, mask, b, start + t) + dot[0]
                             scores[g, t] = p[0]
-                            m[g] = T.max(m[g], p[0])
-                # The chunk's softmax weights, vectorized over its slots (exp_f32 vectorizes, T.exp
-                # would be one libm call per slot and head); a head with nothing visible gets zeros.
-                for g in T.serial(T.int64(G)):
-                    p[0] = T.if_then_else(m[g] == T.float32(NEG_INF), T.float32(0), m[g])
-                    for t in T.vectorized(T.int64(CH)):
-                        scores[g, t] = T.if_then_else(t < valid, exp_f32(scores[g, t] - p[0]), T.float32(0))
-                    for lane in T.vectorized(T.int64(SUM_LANES)):
-                        part[lane] = T.float32(0)
-                    for j in T.serial(T.int64(CH // SUM_LANES)):
+                            m_chunk[g] = T.max(m_chunk[g], p[0])
+                    # Online softmax across the part's chunks: rescale what was kept to the new max.
+                    # The chunk's weights are vectorized over its slots (exp_f32 vectorizes, T.exp
+                    # would be one libm call per slot and head); nothing visible yet keeps zeros.
+                    for g in T.serial(T.int64(G)):
+                        p[0] = T.max(m[g], m_chunk[g])
+                        alpha[g] = T.if_then_else(m[g] == T.float32(NEG_INF), T.float32(0),
+                                                  exp_f32(m[g] - p[0]))
+                        m[g] = p[0]
+                        p[0] = T.if_then_else(p[0] == T.float32(NEG_INF), T.float32(0), p[0])
+                        for t in T.vectorized(T.int64(CH)):
+                            scores[g, t] = T.if_then_else(t < valid, exp_f32(scores[g, t] - p[0]), T.float32(0))
                         for lane in T.vectorized(T.int64(SUM_LANES)):
-                            part[lane] = part[lane] + scores[g, j * SUM_LANES + lane]
-                    s[g] = T.float32(0)
-                    for lane in T.serial(T.int64(SUM_LANES)):
-                        s[g] = s[g] + part[lane]
-                for t in T.serial(T.int64(CH)):
-                    if t < valid:
+                            part[lane] = T.float32(0)
+                        for j in T.serial(T.int64(CH // SUM_LANES)):
+                            for lane in T.vectorized(T.int64(SUM_LANES)):
+                                part[lane] = part[lane] + scores[g, j * SUM_LANES + lane]
+                        s[g] = s[g] * alpha[g]
+                        for lane in T.serial(T.int64(SUM_LANES)):
+                            s[g] = s[g] + part[lane]
+                        for d in T.vectorized(T.int64(D)):
+                            acc[g, d] = acc[g, d] * alpha[g]
+                    for t in T.serial(valid):
                         for d in T.vectorized(T.int64(D)):
                             kv_local[d] = load(VC, VS, b, kh, start + t, d)
                         for g in T.serial(T.int64(G)):
                             for d in T.vectorized(T.int64(D)):
                                 acc[g, d] = acc[g, d] + scores[g, t] * kv_local[d]
                 for g in T.serial(T.int64(G)):
-                    max_out[b, kh * G + g, c] = m[g]
-                    sum_out[b, kh * G + g, c] = s[g]
+                    max_out[b, kh * G + g, i] = m[g]
+                    sum_out[b, kh * G + g, i] = s[g]
                     for d in T.vectorized(T.int64(D)):
-                        acc_out[b, kh * G + g, c, d] = acc[g, d]
+                        acc_out[b, kh * G + g, i, d] = acc[g, d]
 
     return decode_attention_partial
 
@@ -188,7 +215,7 @@ def emit_decode_attention(bb: relax.BlockBuilder, spec: DecodeAttentionSpec, q_B
     Scales: [B, K, C] (or [B, K, C, 1], as kvc's scale rings are) for PER_TOKEN, [K] for PER_HEAD."""
     batch = q_BH1D.ty.shape.values[0]
     capacity = k_BKCD.ty.shape.values[2]
-    chunks = (capacity + spec.chunk_size - 1) // spec.chunk_size
+    chunks = spec.splits  # partial results per (batch, head): fixed, whatever the capacity
     H, D = spec.num_heads, spec.head_dim
     placeholder = relax.const(np.ones(1, np.float32))
     if spec.scale_layout is ScaleLayout.PER_TOKEN:
