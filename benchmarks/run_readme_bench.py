@@ -12,7 +12,8 @@ a memory-bandwidth problem as with real checkpoints). Every engine runs the same
   kvc-tvm         kvc's TVM engine, same cache dtypes (--no-tvm leaves it out)
   ortgenai, llama.cpp   the peers, when --peers-dir points at what benchmarks/peers/setup.sh built
 
-Decode: contexts 128, 512, 2048 and 8192 at batch 1 and batch 4, reached by a SYNTHETIC fill (the K/V of a real
+Decode: contexts 128, 512, 2048 and 8160 (the preset has 8192 positions; the 32 timed steps after 8160 attend
+up to 8192 tokens) at batch 1 and batch 4, reached by a SYNTHETIC fill (the K/V of a real
 64-token prefill tiled to the depth and written straight into each engine's cache; kvc bench --prefill synthetic),
 so 8192 costs seconds; the peers prefill for real. Prefill (real) is timed at 128 and 512, batch 1. Every decode
 row has the roofline: weights once + every row's live KV in its stored dtype (scales included) over the copy
@@ -48,7 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
 
 PRESET = "llama-100m"
 BATCHES = (1, 4)
-README_BENCH = BenchConfig(contexts=(128, 512, 2048, 8192), gen=32, kv_dtypes=("fp32", "int8", "fp8"),
+# llama-100m has 8192 positions: the deepest depth leaves room for the 32 timed steps, which attend 8161..8192.
+DEEPEST = 8192 - 32
+README_BENCH = BenchConfig(contexts=(128, 512, 2048, DEEPEST), gen=32, kv_dtypes=("fp32", "int8", "fp8"),
                            engines=(EngineName.TORCH_CONCAT, EngineName.TORCH_STATIC, EngineName.ORT_CONCAT,
                                     EngineName.KVC_ORT, EngineName.KVC_TVM),
                            batch=1, reps=5, warmup=1, prefill_reps=2, fill=FillMode.SYNTHETIC,

@@ -16,6 +16,7 @@ from kvc.compiler.bench.options import BenchConfig, EngineName, FillMode
 from kvc.compiler.bench.progress import BenchProgress, NullProgress
 from kvc.compiler.bench.results import Row, RowContext, rows_for_depth
 from kvc.compiler.bench.sources import EngineSlot, plan_source
+from kvc.errors import KvcError
 
 OK = "ok"
 
@@ -47,6 +48,7 @@ def run_bench(source: str, bench: BenchConfig, progress: BenchProgress = NullPro
     threads = bench.resolved_threads()
     with work_directory(bench.work_dir) as work:
         target = plan_source(source, bench, work, progress.note)
+        _check_positions(target.config, bench)
         given = bandwidth is not None
         if bandwidth is None:
             progress.note(f"measuring memory bandwidth on {threads} thread(s)")
@@ -60,6 +62,15 @@ def run_bench(source: str, bench: BenchConfig, progress: BenchProgress = NullPro
         finally:
             progress.end()
     return result
+
+
+def _check_positions(config, bench: BenchConfig) -> None:
+    """The timed steps after the deepest context need positions the model has (RoPE tables end there)."""
+    limit = config.max_position_embeddings
+    if limit and bench.capacity > limit:
+        raise KvcError(f"context {max(bench.contexts)} + --gen {bench.gen} needs {bench.capacity} positions, but "
+                       f"{config.name or 'the model'} has {limit}; time the deepest context as "
+                       f"--contexts ...,{limit - bench.gen} (its steps attend up to {limit} tokens)")
 
 
 def _bench_slot(slot: EngineSlot, config, bench: BenchConfig, bandwidth: float, rows: list[Row],

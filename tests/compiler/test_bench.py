@@ -256,3 +256,9 @@ def test_roofline_counts_weights_once_and_live_kv_per_row():
     roof = Roofline(weight_bytes=1000, kv_bytes_per_token=10, bandwidth=1e6)
     assert roof.bytes_per_step(50, batch=4) == 1000 + 4 * 50 * 10
     assert roof.floor_s(50, batch=4) == pytest.approx(3000 / 1e6)
+
+
+def test_contexts_past_the_models_positions_are_refused_before_timing(tmp_path):
+    config = BenchConfig(contexts=(1020,), gen=8, engines=(EngineName.TORCH_STATIC,), work_dir=tmp_path)
+    with pytest.raises(KvcError, match="1016"):  # tiny has 1024 positions
+        run_bench("tiny", config, bandwidth=BANDWIDTH)
