@@ -19,3 +19,18 @@ class ArtifactError(KvcError):
 
 class GenerationError(KvcError):
     """Invalid generation request (sampling values, prompt over capacity, ...)."""
+
+
+class OutputError(KvcError):
+    """An output path kvc may not or cannot write (exists, not kvc's, read-only, invalid)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP arrived while kvc was writing: raised to unwind the atomic-write blocks
+    (their staging data is removed); the CLI exits with 128 + signum."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
