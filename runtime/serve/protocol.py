@@ -133,12 +133,20 @@ def parse_body(raw: bytes, model: type[_Sampling]) -> _Sampling:
 
 def _from_validation(exc: ValidationError) -> ApiError:
     first = exc.errors(include_url=False)[0]
-    field = ".".join(str(p) for p in first["loc"]) or None
+    field = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p)) or None
     if first["type"] == "extra_forbidden":
         return bad_request(f"Unrecognized request argument supplied: {field}", param=field)
     if first["type"] == "missing":
         return bad_request(f"Missing required parameter: '{field}'", param=field)
     return bad_request(f"Invalid value for '{field}': {first['msg']}", param=field)
+
+
+def _is_union_tag(part) -> bool:
+    """pydantic names the member of a union it tried ('str', 'list[int]', 'TextPart') in the location."""
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or part[:1].isupper())
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
 
 
 def sampling_params(request: _Sampling, max_tokens: int) -> SamplingParams:
