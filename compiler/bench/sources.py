@@ -21,6 +21,7 @@ from kvc.compiler.bench.options import BASELINE_KV_DTYPE, BenchConfig, EngineNam
 from kvc.compiler.bench.runners import Runner
 from kvc.errors import KvcError
 from kvc.models.config import ModelConfig
+from kvc.models.loaders.source_kind import SourceKind, resolve_source
 
 
 @dataclass
@@ -49,12 +50,12 @@ class BenchTarget:
 
 
 def plan_source(source: str, bench: BenchConfig, work_dir: Path, note=lambda _msg: None) -> BenchTarget:
-    path = Path(source)
-    if path.is_dir() and (path / "manifest.json").is_file():
-        return _artifact_target(path, bench)
-    if path.suffix == ".onnx":
-        if not path.is_file():
-            raise KvcError(f"{path} does not exist; export a model with `kvc export SOURCE -o {path}`")
+    """SOURCE (an artifact, an ONNX export, or anything `kvc export` reads: kvc.models.loaders.source_kind)."""
+    found = resolve_source(source, BENCHABLE)
+    if found is not None and found.kind is SourceKind.ARTIFACT:
+        return _artifact_target(found.path, bench)
+    if found is not None and found.kind is SourceKind.ONNX:
+        path = found.path
         target = _onnx_target(path, bench)
         onnx_path, torch_model = path, None
         build_root = work_dir / f"onnx-{_file_key(path)}"
@@ -65,6 +66,9 @@ def plan_source(source: str, bench: BenchConfig, work_dir: Path, note=lambda _ms
         onnx_path = export_once(torch_model, config, build_root / "model.onnx", note)
     _add_slots(target, bench, onnx_path, torch_model, build_root, note)
     return target
+
+
+BENCHABLE = frozenset({SourceKind.ARTIFACT, SourceKind.ONNX, SourceKind.PRESET, SourceKind.HF, SourceKind.LLAMA2C})
 
 
 def _artifact_target(path: Path, bench: BenchConfig) -> BenchTarget:

@@ -1,7 +1,6 @@
 """SOURCE -> model: a random-init preset id, a Hugging Face checkpoint directory or hub id, a llama2.c .bin."""
 from __future__ import annotations
 
-import enum
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,17 +11,14 @@ from tokenizers import Tokenizer
 
 from kvc.errors import CheckpointError
 from kvc.models.config import ModelConfig
+from kvc.models.loaders.source_kind import SourceKind, resolve_source
 
 __all__ = ["SourceKind", "GenerationDefaults", "LoadedModel", "load_source"]
 
+EXPORTABLE = frozenset({SourceKind.PRESET, SourceKind.HF, SourceKind.LLAMA2C})  # what `kvc export` reads
+
 GENERATION_CONFIG_FILE = "generation_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-
-
-class SourceKind(str, enum.Enum):
-    PRESET = "preset"
-    HF = "hf"
-    LLAMA2C = "llama2c"
 
 
 @dataclass(frozen=True)
@@ -52,22 +48,16 @@ def load_source(source: str, seed: int = 0, tokenizer_path: str | None = None) -
     from ``tokenizer_path`` or a tok*.bin beside it), or a Hugging Face Hub id."""
     from kvc.models.presets import RANDOM_PRESETS
 
-    if source in RANDOM_PRESETS:  # a directory of the same name is reachable as ./name
+    found = resolve_source(source, EXPORTABLE)
+    if found is not None and found.kind is SourceKind.PRESET:
         return _preset(RANDOM_PRESETS[source], seed)
-    path = Path(source)
-    if path.is_dir():
-        return _hf(path)
-    if path.is_file() and path.suffix == ".bin":
-        return _llama2c(path, tokenizer_path)
-    if path.is_file() and path.name == "config.json":
-        return _hf(path.parent)
-    if path.is_file():
+    if found is not None and found.kind is SourceKind.LLAMA2C:
+        return _llama2c(found.path, tokenizer_path)
+    if found is not None:
+        return _hf(found.path if found.path is not None else source)  # a local checkpoint or a hub id
+    if Path(source).is_file():
         raise CheckpointError(f"{source} is neither a llama2.c .bin checkpoint nor a Hugging Face config.json; pass "
                               "one of those, or the checkpoint directory")
-    from kvc.models.loaders.hf import HUB_ID
-
-    if HUB_ID.match(source):  # not a local path (checked above): try the hub
-        return _hf(source)
     raise CheckpointError(
         f"unknown model source {source!r} (no such preset, file or directory): expected a preset id "
         f"({', '.join(RANDOM_PRESETS)}), a Hugging Face checkpoint directory (config.json + model.safetensors), "
