@@ -29,12 +29,14 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class SourceKind(str, enum.Enum):
-    ARTIFACT = "artifact"
-    ONNX = "onnx"
-    PRESET = "preset"
-    HF = "hf"
-    LLAMA2C = "llama2c"
-    KNOWN = "known"
+    """What SOURCE names; in the order ``resolve_source`` tries them (module docstring)."""
+
+    ARTIFACT = "artifact"  # kvc compile's output: a model to run, with its engine
+    ONNX = "onnx"  # an exported graph: compile it
+    PRESET = "preset"  # seeded random weights: export, compile, run
+    HF = "hf"  # a checkpoint (local or on the hub)
+    LLAMA2C = "llama2c"  # a llama2.c checkpoint
+    KNOWN = "known"  # a config without weights: plan only
 
 
 @dataclass(frozen=True)
