@@ -11,12 +11,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from kvc.models.config import ModelConfig, RopeScalingKind
+from kvc.models.config import ModelConfig, NormKind, RopeScalingKind
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> Tensor:
-    """1 / theta^(2i/d) per rotary pair, with linear or llama3 frequency scaling applied."""
-    d = config.resolved_head_dim
+    """1 / theta^(2i/d) per rotary pair (d: the rotary dims), with linear or llama3 frequency scaling applied."""
+    d = config.rotary_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     scaling = config.rope_scaling
     if scaling is None:
@@ -42,6 +42,15 @@ def rotate_half(x: Tensor) -> Tensor:
 
 def apply_rope(x_BHSD: Tensor, cos_BSD: Tensor, sin_BSD: Tensor) -> Tensor:
     return x_BHSD * cos_BSD.unsqueeze(1) + rotate_half(x_BHSD) * sin_BSD.unsqueeze(1)
+
+
+def apply_partial_rope(x_BHSD: Tensor, cos_BSR: Tensor, sin_BSR: Tensor) -> Tensor:
+    """RoPE on the first R dims of each head (R = cos.shape[-1]); the other dims pass through."""
+    rotary = cos_BSR.shape[-1]
+    if rotary == x_BHSD.shape[-1]:
+        return apply_rope(x_BHSD, cos_BSR, sin_BSR)
+    rotated = apply_rope(x_BHSD[..., :rotary], cos_BSR, sin_BSR)
+    return torch.cat((rotated, x_BHSD[..., rotary:]), dim=-1)
 
 
 def rope_cos_sin(inv_freq: Tensor, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -79,11 +88,16 @@ def expand_kv_heads(x_BKTD: Tensor, group: int) -> Tensor:
     return x_BKTD[:, :, None].expand(b, k, group, t, d).reshape(b, k * group, t, d)
 
 
-def attend(q_BHSD: Tensor, k_BKTD: Tensor, v_BKTD: Tensor, mask_B1ST: Tensor, group: int) -> Tensor:
+def attend(q_BHSD: Tensor, k_BKTD: Tensor, v_BKTD: Tensor, mask_B1ST: Tensor, group: int,
+           scale: Optional[float] = None, softcap: Optional[float] = None) -> Tensor:
+    """Softmax(q k^T x scale [-> softcap] + mask) v; scale defaults to 1/sqrt(head size)."""
     k = expand_kv_heads(k_BKTD, group)
     v = expand_kv_heads(v_BKTD, group)
-    scale = 1.0 / math.sqrt(q_BHSD.shape[-1])
-    scores = torch.matmul(q_BHSD, k.transpose(-1, -2)) * scale + mask_B1ST
+    scale = 1.0 / math.sqrt(q_BHSD.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q_BHSD, k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = soft_cap(scores, softcap)
+    scores = scores + mask_B1ST
     probs = torch.softmax(scores.float(), dim=-1).to(q_BHSD.dtype)
     return torch.matmul(probs, v)
 
@@ -98,3 +112,23 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+class UnitOffsetRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: scales by (1 + w), in float32 before casting back."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def make_norm(kind: NormKind, dim: int, eps: float) -> nn.Module:
+    if kind is NormKind.LAYER:
+        return nn.LayerNorm(dim, eps=eps)
+    return UnitOffsetRMSNorm(dim, eps) if kind is NormKind.RMS_UNIT_OFFSET else RMSNorm(dim, eps)
+
+
+def soft_cap(x: Tensor, cap: float) -> Tensor:
+    """cap x tanh(x / cap): Div, Tanh, Mul in the graph (the form kvc's attention fusion reads as softcap)."""
+    return torch.tanh(x / cap) * cap

@@ -17,6 +17,7 @@ import torch
 from kvc.errors import CheckpointError
 from kvc.models.config import Family, ModelConfig, RopeScaling, RopeScalingKind
 from kvc.models.loaders import LoadedCheckpoint, fill_model
+from kvc.models.loaders.hf_families import FAMILY_MAPPERS, fused_parts
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "config_from_hf_dict", "load_hf_checkpoint", "resolve_hf_directory",
            "read_json_file"]
@@ -30,7 +31,7 @@ HUB_PATTERNS = ["*.json", "model*.safetensors", "chat_template.jinja"]  # not co
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
-SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, "gpt2")
+SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, "gpt2", *FAMILY_MAPPERS)
 
 # transformers' defaults for keys a config.json may leave out, per model_type.
 _LLAMA_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -43,7 +44,7 @@ _GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # the tanh approximation 
 
 # --------------------------------------------------------------------------- config.json -> ModelConfig
 def config_from_hf_dict(d: dict, name: str = "") -> ModelConfig:
-    """Map a Hugging Face config.json (llama, mistral, qwen2, gpt2) onto ModelConfig."""
+    """Map a Hugging Face config.json (SUPPORTED_MODEL_TYPES) onto ModelConfig."""
     if d.get("auto_map"):
         raise CheckpointError(f"config.json of {name or 'this checkpoint'} asks for remote code (auto_map); kvc "
                               "never runs checkpoint code: use a checkpoint of a supported architecture "
@@ -54,6 +55,8 @@ def config_from_hf_dict(d: dict, name: str = "") -> ModelConfig:
             return _llama_like_config(d, model_type, name)
         if model_type == "gpt2":
             return _gpt2_config(d, name)
+        if model_type in FAMILY_MAPPERS:
+            return FAMILY_MAPPERS[model_type](d, name)
     except (TypeError, ValueError, KeyError) as exc:  # a value of the wrong type, e.g. a string for a number
         raise CheckpointError(f"config.json of {name or 'this checkpoint'} has a malformed value ({exc!r}); the "
                               "file is damaged") from None
@@ -291,14 +294,16 @@ def _open_safetensors(path: Path, stack: contextlib.ExitStack):
                               "download it again") from None
 
 
-def _own_names(handles: dict, config: ModelConfig) -> dict[str, tuple[Path, Any, str]]:
-    """Own parameter name -> (file, handle, checkpoint name), dropping buffers and a tied lm_head copy."""
-    located: dict[str, tuple[Path, Any, str]] = {}
+def _own_names(handles: dict, config: ModelConfig) -> dict[str, tuple[Path, Any, str, Optional[slice]]]:
+    """Own parameter name -> (file, handle, checkpoint name, rows of a fused tensor or None), dropping buffers
+    and a tied lm_head copy; fused tensors (Phi-3's qkv_proj, gate_up_proj) give one entry per part."""
+    located: dict[str, tuple[Path, Any, str, Optional[slice]]] = {}
     for path, handle in handles.items():
         for key in handle.keys():
-            own = own_parameter_name(key, config)
-            if own is not None:
-                located[own] = (path, handle, key)
+            for part, rows in fused_parts(key, config) or [(key, None)]:
+                own = own_parameter_name(part, config)
+                if own is not None:
+                    located[own] = (path, handle, key, rows)
     return located
 
 
@@ -320,11 +325,11 @@ def own_parameter_name(key: str, config: ModelConfig) -> Optional[str]:
 def _read(located: dict, name: str, config: ModelConfig) -> Optional[torch.Tensor]:
     if name not in located:
         return None
-    path, handle, key = located[name]
+    path, handle, key, rows = located[name]
     from safetensors import SafetensorError
 
     try:
-        tensor = handle.get_tensor(key)
+        tensor = handle.get_tensor(key) if rows is None else handle.get_slice(key)[rows]
     except SafetensorError as exc:
         raise CheckpointError(f"cannot read tensor {key} from {path} ({exc}); the file is damaged") from None
     if config.family is Family.GPT2 and _GPT2_CONV1D.search(name):

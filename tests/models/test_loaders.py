@@ -229,8 +229,9 @@ def test_auto_map_is_refused(tiny_dir):
 
 
 def test_unknown_model_type_names_the_supported_ones():
-    with pytest.raises(CheckpointError, match="'phi3' is not supported; supported: llama, mistral, qwen2, gpt2"):
-        config_from_hf_dict({**TINY_HF_CONFIG, "model_type": "phi3"})
+    with pytest.raises(CheckpointError, match="'falcon' is not supported; supported: llama, mistral, qwen2, gpt2, "
+                                              "qwen3, phi3, gemma, gemma2, smollm3, olmo2, granite, stablelm"):
+        config_from_hf_dict({**TINY_HF_CONFIG, "model_type": "falcon"})
 
 
 @pytest.mark.parametrize("change, message", [
