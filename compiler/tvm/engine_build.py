@@ -70,7 +70,8 @@ def _llvm_cpu_names() -> set[str]:
 DECODE_SHAPES = (INPUT_IDS, POSITION_IDS)  # [batch, seq] inputs fixed to seq = 1 in decode
 
 
-def import_entry_points(model: ir.Model, target_kind: str = "llvm") -> tuple[tvm.IRModule, dict[str, list[str]], dict[str, np.ndarray]]:
+def import_entry_points(model: ir.Model, target_kind: str = "llvm", dump: RelaxDump | None = None
+                        ) -> tuple[tvm.IRModule, dict[str, list[str]], dict[str, np.ndarray]]:
     """Relax module with `prefill` (symbolic seq), `decode` (seq = 1, so GEMV schedules apply) and
     `decode_b1` (seq = 1 and batch = 1: static shapes, the common single-request step); each
     entry's weight parameter names (the entries share one weight set) and all weight values.
@@ -84,7 +85,10 @@ def import_entry_points(model: ir.Model, target_kind: str = "llvm") -> tuple[tvm
     bb.add_func(prefill_mod["main"].without_attr("params").with_attr("global_symbol", prefill), prefill)
     for entry in DECODE_ENTRIES:
         batch = 1 if entry is Entry.DECODE_B1 else None
-        mod = _import(ir.to_proto(_specialize_decode(model, batch)), target_kind)
+        specialized = _specialize_decode(model, batch)
+        if dump is not None:
+            dump.write_graph(entry.value, specialized)
+        mod = _import(ir.to_proto(specialized), target_kind)
         entry_params[entry.value] = _take_weights(mod["main"], weights)
         # the entry's kernels join the module (identical ones are shared); its calls are re-pointed
         renamed = {gv: bb.add_func(func, f"{entry.value}_{gv.name_hint}")
@@ -151,13 +155,14 @@ def relax_pipeline(target: tvm.target.Target, database=None, dump: RelaxDump | N
     from tvm.relax import transform
     from tvm.s_tir import dlight as dl
 
-    from kvc.compiler.tvm.schedules import CpuWeightMatmul
+    from kvc.compiler.tvm.schedules import CpuRowReduction, CpuWeightMatmul
     from kvc.compiler.tvm.tuning import apply_database_pass
 
     if target.kind.name == "cuda":
         rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
     else:
-        rules = [CpuWeightMatmul(), dl.cpu.GEMV(), dl.cpu.Reduction()]
+        # CpuRowReduction before dlight's Reduction: that one recomputes a norm's row sum per element
+        rules = [CpuWeightMatmul(), CpuRowReduction(), dl.cpu.GEMV(), dl.cpu.Reduction()]
     tuned = [apply_database_pass(database)] if database is not None else []
 
     phases = [
@@ -200,7 +205,7 @@ def build_tvm(model: ir.Model, staging: Path, options: CompileOptions, progress=
     # The code generator, not a GPU, is what a CUDA build needs (nvcc compiles without a device).
     if options.device is Device.CUDA and tvm.get_global_func("target.build.cuda", allow_missing=True) is None:
         raise KvcError("this TVM build has no CUDA code generator; use --target cpu or a CUDA-enabled TVM")
-    mod, entry_params, weights = import_entry_points(model, target.kind.name)
+    mod, entry_params, weights = import_entry_points(model, target.kind.name, dump)
     if dump is not None:
         dump.write("import", mod)
     database = _tune(mod, target, staging, options, progress)
