@@ -3,6 +3,7 @@ every context depth, and collect rows plus a header describing the machine and t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import tempfile
 from dataclasses import dataclass, field
@@ -48,13 +49,15 @@ def run_bench(source: str, bench: BenchConfig, progress: BenchProgress = NullPro
     threads = bench.resolved_threads()
     with work_directory(bench.work_dir) as work:
         target = plan_source(source, bench, work, progress.note)
-        _check_positions(target.config, bench)
+        requested = bench.contexts
+        bench = fit_positions(bench, target.config, progress.note)
         given = bandwidth is not None
         if bandwidth is None:
             progress.note(f"measuring memory bandwidth on {threads} thread(s)")
             bandwidth = measure_bandwidth(threads=threads)
         result = BenchResult(_header(source, target, bench, threads, bandwidth, given, bandwidth_probe),
                              engines=dict(target.unavailable))
+        result.header["settings"]["contexts_requested"] = list(requested)
         progress.begin(len(target.slots) * _steps(bench))
         try:
             for slot in target.slots:
@@ -64,13 +67,21 @@ def run_bench(source: str, bench: BenchConfig, progress: BenchProgress = NullPro
     return result
 
 
-def _check_positions(config, bench: BenchConfig) -> None:
-    """The timed steps after the deepest context need positions the model has (RoPE tables end there)."""
+def fit_positions(bench: BenchConfig, config, note=lambda _msg: None) -> BenchConfig:
+    """Contexts whose timed steps would run past the model's positions (RoPE tables end there) move
+    down to the deepest that fits (llama-100m: 8192 positions, so 8192 with --gen 32 is timed at 8160,
+    its steps attending up to 8192 tokens)."""
     limit = config.max_position_embeddings
-    if limit and bench.capacity > limit:
-        raise KvcError(f"context {max(bench.contexts)} + --gen {bench.gen} needs {bench.capacity} positions, but "
-                       f"{config.name or 'the model'} has {limit}; time the deepest context as "
-                       f"--contexts ...,{limit - bench.gen} (its steps attend up to {limit} tokens)")
+    if not limit or bench.capacity <= limit:
+        return bench
+    deepest = limit - bench.gen
+    if deepest < 1:
+        raise KvcError(f"--gen {bench.gen} leaves no context within {config.name or 'the model'}'s {limit} positions")
+    fit = lambda c: min(c, deepest)  # noqa: E731
+    contexts = tuple(sorted({fit(c) for c in bench.contexts}))
+    prefill = None if bench.prefill_contexts is None else tuple(sorted({fit(c) for c in bench.prefill_contexts}))
+    note(f"{config.name or 'the model'} has {limit} positions: contexts above {deepest} are timed at {deepest}")
+    return dataclasses.replace(bench, contexts=contexts, prefill_contexts=prefill)
 
 
 def _bench_slot(slot: EngineSlot, config, bench: BenchConfig, bandwidth: float, rows: list[Row],

@@ -258,7 +258,10 @@ def test_roofline_counts_weights_once_and_live_kv_per_row():
     assert roof.floor_s(50, batch=4) == pytest.approx(3000 / 1e6)
 
 
-def test_contexts_past_the_models_positions_are_refused_before_timing(tmp_path):
-    config = BenchConfig(contexts=(1020,), gen=8, engines=(EngineName.TORCH_STATIC,), work_dir=tmp_path)
-    with pytest.raises(KvcError, match="1016"):  # tiny has 1024 positions
-        run_bench("tiny", config, bandwidth=BANDWIDTH)
+def test_contexts_past_the_models_positions_are_timed_at_the_deepest_that_fits(tmp_path):
+    config = BenchConfig(contexts=(8, 1020, 1024), gen=8, reps=1, warmup=0, prefill_reps=0,
+                         engines=(EngineName.TORCH_STATIC,), work_dir=tmp_path)
+    result = run_bench("tiny", config, bandwidth=BANDWIDTH)  # tiny has 1024 positions
+    assert sorted(r.context for r in result.rows) == [8, 1016]
+    assert result.header["settings"]["contexts_requested"] == [8, 1020, 1024]
+    assert result.header["settings"]["contexts"] == [8, 1016]
