@@ -122,10 +122,10 @@ def parse_json(data: bytes | str, where: str, what: str, error: type[KvcError] =
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise error(f"{what} {where} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+        raise error(f"cannot read {what} {where} as JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
                     f"pass a valid {what}") from None
     except (ValueError, RecursionError) as exc:  # an int of > 4300 digits; nesting deeper than the stack
-        raise error(f"{what} {where} cannot be parsed ({type(exc).__name__}: {str(exc)[:80]}); "
+        raise error(f"cannot read {what} {where} as JSON ({type(exc).__name__}: {str(exc)[:80]}); "
                     f"pass a valid {what}") from None
 
 

@@ -37,13 +37,25 @@ class LazyGroup(click.Group):
             formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context):
-        from kvc.errors import KvcError
+        """User errors end in one line on stderr and exit 1, never a traceback (see ``_fail``)."""
+        from kvc.errors import Interrupted, KvcError
 
         try:
             return super().invoke(ctx)
         except KvcError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
+            _fail(str(exc))
+        except Interrupted as exc:  # raised inside kvc's atomic writes, which removed their staging data
+            _fail(f"{exc}; no partial output was left", 128 + exc.signum)
+        except OSError as exc:  # a file kvc had no reason to doubt failed (disk full, permissions changed)
+            where = f"{exc.filename}: " if exc.filename else ""
+            _fail(f"{where}{exc.strerror or exc}; check the path, its permissions and free space")
+        except MemoryError:
+            _fail("out of memory; use a smaller model, batch or context")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo("error: " + " ".join(message.split()), err=True)  # one line, whatever the message held
+    sys.exit(code)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -15,16 +15,18 @@ from typing import TYPE_CHECKING, Optional
 
 import click
 
+from kvc.contract import KV_DTYPE_NAMES, MANIFEST_FILE, KvDtype, ScaleKind, parse_kv_dtype
 from kvc.errors import ArtifactError, CheckpointError, KvcError
 
 if TYPE_CHECKING:  # the planner's imports (torch via kvc.models, onnx_ir) wait until a plan is made
-    from kvc.compiler.plan import PlanRequest
+    from kvc.tools.plan import PlanRequest
     from kvc.models.config import ModelConfig
 
 HF_CONFIG = "config.json"
-MANIFEST = "manifest.json"  # same name as kvc.runtime.artifact.MANIFEST
-_HF_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-_FP8_SCALES = {"static": "static_per_head", "dynamic": "per_token"}
+MANIFEST = MANIFEST_FILE
+_HF_DTYPES = {"float32": KvDtype.FP32.value, "float16": KvDtype.FP16.value, "bfloat16": KvDtype.BF16.value}
+_FP8_SCALES = {"static": ScaleKind.STATIC_PER_HEAD.value, "dynamic": ScaleKind.PER_TOKEN.value}
+FP32 = KvDtype.FP32.value  # presets and artifacts hold fp32 weights
 
 
 class SourceKind(str, enum.Enum):
@@ -59,7 +61,7 @@ def resolve_model(model: str) -> ModelSource:
         return ModelSource(config, SourceKind.KNOWN, dtype, dtype, config.max_position_embeddings)
     if model in RANDOM_PRESETS:
         config = RANDOM_PRESETS[model]
-        return ModelSource(config, SourceKind.PRESET, "fp32", "fp32", config.max_position_embeddings)
+        return ModelSource(config, SourceKind.PRESET, FP32, FP32, config.max_position_embeddings)
     raise _unknown_model(model, list(KNOWN_MODELS) + list(RANDOM_PRESETS))
 
 
@@ -85,30 +87,26 @@ def _from_path(path: Path) -> ModelSource:
     return _from_hf_config(path)
 
 
-def _read_json(path: Path, error: type[KvcError]) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise error(f"cannot read {path} as JSON ({exc}); pass a valid file") from None
-    if not isinstance(data, dict):
-        raise error(f"{path} holds a JSON {type(data).__name__}, not an object; pass a model config")
-    return data
+def _read_json(path: Path, what: str, error: type[KvcError]) -> dict:
+    from kvc.userfiles import read_user_json
+
+    return read_user_json(path, what, error=error)
 
 
 def _from_hf_config(path: Path) -> ModelSource:
     from kvc.models.loaders.hf import config_from_hf_dict
 
-    raw = _read_json(path, CheckpointError)
+    raw = _read_json(path, "model config", CheckpointError)
     config = config_from_hf_dict(raw, name=str(raw.get("_name_or_path") or path.parent.name))
     # transformers 4 writes "torch_dtype", 5 writes "dtype"; configs naming neither load as float32.
-    dtype = _HF_DTYPES.get(str(raw.get("dtype") or raw.get("torch_dtype") or "float32"), "fp32")
+    dtype = _HF_DTYPES.get(str(raw.get("dtype") or raw.get("torch_dtype") or "float32"), FP32)
     return ModelSource(config, SourceKind.HF_CONFIG, dtype, dtype, config.max_position_embeddings)
 
 
 def _from_artifact(root: Path) -> ModelSource:
     from kvc.models.config import ModelConfig
 
-    raw = _read_json(root / MANIFEST, ArtifactError)
+    raw = _read_json(root / MANIFEST, "artifact manifest", ArtifactError)
     try:
         config = ModelConfig.from_dict(raw["model"])
         cache = raw["cache"]
@@ -117,12 +115,10 @@ def _from_artifact(root: Path) -> ModelSource:
         raise ArtifactError(f"{root / MANIFEST} lacks a usable model config or cache entry ({exc}); "
                             "recompile the model with kvc compile") from None
     # kvc exports fp32 weights, and the manifest does not record a weights dtype.
-    return ModelSource(config, SourceKind.ARTIFACT, "fp32", kv_dtype, capacity, _artifact_scales(root, cache))
+    return ModelSource(config, SourceKind.ARTIFACT, FP32, kv_dtype, capacity, _artifact_scales(root, cache))
 
 
 def _artifact_scales(root: Path, cache: dict) -> Optional[str]:
-    from kvc.passes.kv_layout import ScaleKind
-
     text = str(cache.get("scales") or "none").replace("-", "_")
     text = {"per_token_head": "per_token"}.get(text, text)  # older spelling in runtime/artifact.py's comment
     try:
@@ -143,9 +139,9 @@ def list_models_table():
     for column in ("id", "source", "parameters", "KV per token", "dtype", "max positions"):
         table.add_column(column)
     rows = [(k, c, DEFAULT_DTYPES[k]) for k, c in KNOWN_MODELS.items()]
-    rows += [(k, c, "fp32") for k, c in RANDOM_PRESETS.items()]
+    rows += [(k, c, FP32) for k, c in RANDOM_PRESETS.items()]
     for key, config, dtype in rows:
-        per_token = config.kv_bytes_per_token({"fp32": 4, "fp16": 2, "bf16": 2}[dtype])
+        per_token = config.kv_bytes_per_token(KvDtype(dtype).bytes_per_element)
         table.add_row(key, config.name if key in KNOWN_MODELS else "random preset",
                       f"{config.num_parameters() / 1e9:,.3f} B", f"{per_token:,.0f} B", dtype,
                       f"{config.max_position_embeddings:,}")
@@ -157,12 +153,12 @@ def list_models_table():
 @click.option("--context", "-c", type=int, default=None,
               help="Tokens per sequence. Default: the artifact's capacity, else the model's max positions.")
 @click.option("--batch", "-b", type=int, default=1, show_default=True, help="Sequences held at once.")
-@click.option("--kv-dtype", type=click.Choice(["fp32", "fp16", "bf16", "fp8", "int8"]), default=None,
+@click.option("--kv-dtype", type=click.Choice(KV_DTYPE_NAMES), default=None,
               help="KV-cache storage type. Default: the artifact's, else the model's weights dtype.")
 @click.option("--fp8-scales", type=click.Choice(list(_FP8_SCALES)), default=None,
               help="fp8 only: static (calibrated, per head) or dynamic (per token per head). Default: static.")
-@click.option("--weights-dtype", type=click.Choice(["fp32", "fp16", "bf16", "fp8", "int8"]), default=None,
-              help="Weights storage type. Default: the checkpoint's published dtype (fp32 for presets, artifacts).")
+@click.option("--weights-dtype", default=None,
+              help="Weights storage type (fp32, fp16, bf16, fp8 or int8). Default: the checkpoint's published dtype (fp32 for presets, artifacts).")
 @click.option("--memory", default=None, help="Device memory, e.g. 80GB (1e9 B), 80GiB, 24G (= GiB).")
 @click.option("--bandwidth", default=None, help="Memory bandwidth, e.g. 3.35TB/s or 900GB/s.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
@@ -173,7 +169,7 @@ def plan(model: str | None, context: int | None, batch: int, kv_dtype: str | Non
     """Plan the KV-cache memory of MODEL and the bandwidth floor of one decode step."""
     from rich.console import Console
 
-    from kvc.compiler.plan import make_plan, plan_table, plan_to_dict
+    from kvc.tools.plan import make_plan, plan_table, plan_to_dict
 
     if list_models:
         Console().print(list_models_table())
@@ -192,11 +188,9 @@ def plan(model: str | None, context: int | None, batch: int, kv_dtype: str | Non
 def build_request(source: ModelSource, context: int | None, batch: int, kv_dtype: str | None,
                   fp8_scales: str | None, weights_dtype: str | None, memory: str | None,
                   bandwidth: str | None) -> PlanRequest:
-    from kvc.compiler.plan import PlanRequest, parse_bandwidth, parse_memory, parse_weights_dtype
-    from kvc.passes.kv_layout import ScaleKind, parse_kv_dtype
-
+    from kvc.tools.plan import PlanRequest, parse_bandwidth, parse_memory, parse_weights_dtype
     dtype = parse_kv_dtype(kv_dtype or source.kv_dtype)
-    if fp8_scales is not None and dtype.value != "fp8":
+    if fp8_scales is not None and dtype is not KvDtype.FP8:
         raise KvcError(f"--fp8-scales applies to an fp8 cache, but the cache is {dtype.value}; "
                        "drop it or pass --kv-dtype fp8")
     if fp8_scales is not None:

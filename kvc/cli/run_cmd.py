@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from kvc.errors import GenerationError
+from kvc.errors import GenerationError, KvcError
+from kvc.userfiles import MAX_TEXT_BYTES, check_text, decode_utf8, read_stream_bytes
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -15,6 +16,30 @@ def _parse_ids(text: str) -> list[int]:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
         raise GenerationError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+
+
+def _prompt_text(prompt: str) -> str:
+    """--prompt TEXT, or stdin for '-': at most MAX_TEXT_BYTES of strict UTF-8 either way."""
+    if prompt != "-":
+        return check_text(prompt, "--prompt", GenerationError)
+    data = read_stream_bytes(sys.stdin.buffer, "the prompt on stdin", MAX_TEXT_BYTES, GenerationError)
+    return decode_utf8(data, "the prompt on stdin", GenerationError)
+
+
+def require_cuda_device() -> None:
+    """Refuse --device cuda on a machine without a usable CUDA device before loading: ONNX Runtime's
+    GPU build lists CUDAExecutionProvider regardless, then silently runs on the CPU."""
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        count = ctypes.c_int(0)
+        usable = cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    except (OSError, AttributeError):  # no NVIDIA driver library
+        usable = False
+    if not usable:
+        raise KvcError("--device cuda: this machine has no usable CUDA device (no NVIDIA driver or GPU); "
+                       "use --device cpu")
 
 
 @click.command("run")
@@ -59,11 +84,16 @@ def run(artifact: Path, prompt: str | None, prompt_ids: str | None, max_new_toke
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repetition_penalty=repetition_penalty, seed=seed, max_new_tokens=max_new_tokens,
                             stop_strings=stop_strings, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
+    text = _prompt_text(prompt) if prompt is not None else None  # before loading: stdin may be bad
+    for value, what in [(system, "--system"), *((s, "--stop") for s in stop_strings)]:
+        if value is not None:
+            check_text(value, what, GenerationError)
+    if device == "cuda":
+        require_cuda_device()
     model = load(artifact, LoadOptions(device=device, threads=threads))
     if prompt_ids is not None:
         request = _parse_ids(prompt_ids)
     else:
-        text = sys.stdin.read() if prompt == "-" else prompt
         request = _apply_chat(model, text, system) if chat else text
     if as_json:
         result = model.generate(request, params, overflow)

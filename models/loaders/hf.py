@@ -6,7 +6,6 @@ for remote code (``auto_map``) are refused, so nothing from a checkpoint is ever
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 from pathlib import Path
@@ -223,15 +222,12 @@ def _download(repo_id: str) -> Path:
 
 
 def read_json_file(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing; a Hugging Face checkpoint directory needs it") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {path} as JSON ({exc}); the file is damaged") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object; the file is damaged")
-    return data
+    """A checkpoint's JSON object (config, tokenizer or generation config): bounded, regular files only."""
+    from kvc.userfiles import read_user_json
+
+    if not path.exists() and not path.is_symlink():
+        raise CheckpointError(f"{path} is missing; a Hugging Face checkpoint directory needs it")
+    return read_user_json(path, "checkpoint file", error=CheckpointError)
 
 
 # --------------------------------------------------------------------------- weights

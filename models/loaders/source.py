@@ -12,6 +12,9 @@ from tokenizers import Tokenizer
 from kvc.errors import CheckpointError
 from kvc.models.config import ModelConfig
 from kvc.models.loaders.source_kind import SourceKind, resolve_source
+from kvc.userfiles import check_regular_file, read_user_text
+
+MAX_TOKENIZER_BYTES = 256 << 20  # the largest Hugging Face tokenizer.json files are tens of MB
 
 __all__ = ["SourceKind", "GenerationDefaults", "LoadedModel", "load_source"]
 
@@ -80,6 +83,8 @@ def _hf(source: str | os.PathLike) -> LoadedModel:
 
     checkpoint = load_hf_checkpoint(source)
     root = checkpoint.path
+    if (root / TOKENIZER_FILE).exists():  # a FIFO or device there would hang or exhaust the tokenizer library
+        check_regular_file(root / TOKENIZER_FILE, "tokenizer", limit=MAX_TOKENIZER_BYTES, error=CheckpointError)
     tokenizer = load_tokenizer(root / TOKENIZER_FILE) if (root / TOKENIZER_FILE).is_file() else None
     tok_config = read_json_file(root / TOKENIZER_CONFIG_FILE) if (root / TOKENIZER_CONFIG_FILE).is_file() else {}
     gen_config = read_json_file(root / GENERATION_CONFIG_FILE) if (root / GENERATION_CONFIG_FILE).is_file() else {}
@@ -116,7 +121,7 @@ def _adds_bos(bos: Optional[int], tok_config: dict, tokenizer: Optional[Tokenize
 def _chat_template(root: Path, tok_config: dict) -> str | list | None:
     """transformers >= 4.50 saves the template in chat_template.jinja, older ones in tokenizer_config.json."""
     if (root / CHAT_TEMPLATE_FILE).is_file():
-        return (root / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+        return read_user_text(root / CHAT_TEMPLATE_FILE, "chat template", error=CheckpointError)
     return tok_config.get("chat_template")
 
 
@@ -128,6 +133,8 @@ def _llama2c(path: Path, tokenizer_path: str | None) -> LoadedModel:
     checkpoint = load_llama2c_checkpoint(path)
     config = checkpoint.config
     tok_file = Path(tokenizer_path) if tokenizer_path else _tokenizer_beside(path, config.vocab_size)
+    if tok_file is not None:
+        check_regular_file(tok_file, "tokenizer", limit=MAX_TOKENIZER_BYTES, error=CheckpointError)
     tokenizer = llama2c_tokenizer(tok_file, config.vocab_size) if tok_file is not None else None
     # run.c stops when the model emits BOS (TinyStories separates stories with it), so BOS ends a sequence too.
     generation = GenerationDefaults(eos_token_ids=(EOS_ID, BOS_ID), bos_token_id=BOS_ID, add_bos=True,
