@@ -105,3 +105,44 @@ def test_decode_steps_match_hf_with_own_and_with_hf_cache(pair):
         kept = hf_past[0][0].shape[2]
         from_hf_cache, _ = own(step, mask[:, -(kept + 1):], positions, hf_past)
         assert max_diff(from_hf_cache, want) <= TOL
+
+
+# --------------------------------------------------------------------------- presets: export to ONNX
+def _export_presets():
+    from kvc.models.presets import FAMILY_PRESETS
+
+    presets = dict(FAMILY_PRESETS)
+    presets["tiny-gemma2"] = presets["tiny-gemma2"].replace(layer_windows=(4, None))  # windows bind in the graph
+    return presets
+
+
+EXPORT_PRESETS = _export_presets()
+
+
+@pytest.mark.parametrize("preset", sorted(EXPORT_PRESETS))
+def test_preset_export_matches_torch_for_prefill_and_decode(preset, tmp_path, rng):
+    """The concat-form ONNX of each family's preset (ONNX Runtime) vs its torch model, left padding included."""
+    import numpy as np
+
+    from kvc.models import random_model
+    from kvc.models.export import export_onnx
+    from tests.models.test_export import ort_session, run_onnx, run_torch
+
+    config = EXPORT_PRESETS[preset]
+    model = random_model(config, seed=3)
+    export_onnx(model, config, tmp_path / "model.onnx")
+    sess = ort_session(tmp_path / "model.onnx")
+    ids = rng.integers(0, config.vocab_size, (2, 7), dtype=np.int64)
+    mask = np.ones((2, 7), np.int64)
+    mask[1, :3] = 0
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+    past_o = past_t = [(np.zeros((2, config.num_kv_heads, 0, config.resolved_head_dim), np.float32),) * 2
+                       for _ in range(config.num_layers)]
+    for step in range(5):  # prefill, then 4 decode steps past every window
+        got, past_o = run_onnx(sess, config, ids, mask, pos, past_o)
+        want, past_t = run_torch(model, ids, mask, pos, past_t)
+        rows = mask[:, -ids.shape[1]:].astype(bool)
+        np.testing.assert_allclose(got[rows], want[rows], atol=TOL, rtol=0, err_msg=f"step {step}")
+        ids = want[:, -1].argmax(-1)[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        pos = pos[:, -1:] + 1

@@ -85,3 +85,21 @@ def test_per_layer_windows_narrower_than_the_capacity_are_reported(case):
     (blocker,) = case.expected.ring_buffer_blockers(CAPACITY)
     assert "per-layer sliding windows" in blocker and f"--max-seq-len {narrowest} or less" in blocker
     assert case.expected.ring_buffer_blockers(narrowest) == ()
+
+
+TVM_CASES = [c for c in COMPILED if c.name == "gemma2-window-64"]  # softcaps, sandwich norms, (1 + w) RMSNorm, GeLU
+
+
+@pytest.mark.slow  # ~25 s of CPU for the TVM build
+@pytest.mark.parametrize("case", TVM_CASES, ids=lambda c: c.name)
+def test_tvm_engine_greedy_tokens_equal_transformers_generate(case, tmp_path):
+    pytest.importorskip("tvm")
+    from kvc.models.export import export_onnx
+    from kvc.models.loaders.source import load_source
+
+    hf = build_hf(case)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    loaded = load_source(str(tmp_path / "hf"))
+    export_onnx(loaded.model, loaded.config, tmp_path / "model.onnx")
+    compile_artifact(tmp_path / "model.onnx", tmp_path / "tvm.kvc", engine="tvm")
+    assert kvc_greedy(tmp_path / "tvm.kvc", PROMPT, NEW_TOKENS) == hf_greedy(hf, PROMPT, NEW_TOKENS)
