@@ -71,9 +71,12 @@ def model_config_for(model: ir.Model, config_path: Path | None,
 
 
 def _hf_config(path: Path) -> tuple[ModelConfig, str]:
+    from kvc.errors import CheckpointError
     from kvc.models.loaders.hf import config_from_hf_dict
+    from kvc.userfiles import read_user_json
 
-    return config_from_hf_dict(json.loads(path.read_text()), name=path.parent.name), str(path)
+    raw = read_user_json(path, "model config", error=CheckpointError)  # bounded: --config is a user file
+    return config_from_hf_dict(raw, name=path.parent.name), str(path)
 
 
 def _generation(model_dir: Path, model: ir.Model) -> dict[str, Any]:
