@@ -47,8 +47,9 @@ def test_tvm_dump_continues_with_lowering_and_the_relax_phases(exported, tmp_pat
     result, files, lowering = compile_with_dump(exported, tmp_path, "tvm", "fp32")
     steps = numbered(files)
     assert [i for i, _ in steps] == list(range(len(steps)))
+    decode_graphs = ["tvm_decode_graph", "tvm_decode_b1_graph"]  # what the decode entries import
     relax = ["relax_import", "relax_legalize_and_fuse", "relax_schedule", "relax_lower_to_vm"]
-    assert [name for _, name in steps] == ["input", *NEUTRAL, *lowering, *relax]
+    assert [name for _, name in steps] == ["input", *NEUTRAL, *lowering, *decode_graphs, *relax]
     assert [p["name"] for p in result.manifest.passes] == [*NEUTRAL, *lowering]
     imported = (tmp_path / "dump" / files[-4]).read_text()
     assert "def prefill" in imported and "def decode_b1" in imported
