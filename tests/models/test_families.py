@@ -146,3 +146,47 @@ def test_preset_export_matches_torch_for_prefill_and_decode(preset, tmp_path, rn
         ids = want[:, -1].argmax(-1)[:, None].astype(np.int64)
         mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
         pos = pos[:, -1:] + 1
+
+
+@pytest.mark.parametrize("preset", sorted(EXPORT_PRESETS))
+def test_num_parameters_counts_the_torch_model(preset):
+    from kvc.models import build_model
+
+    config = EXPORT_PRESETS[preset]
+    assert config.num_parameters() == sum(p.numel() for p in build_model(config).parameters())
+
+
+# --------------------------------------------------------------------------- refused, by name
+_HF = {"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+       "num_key_value_heads": 2, "intermediate_size": 96}
+
+
+@pytest.mark.parametrize("config_json, message", [
+    ({"model_type": "phi3", "rope_scaling": {"type": "longrope", "factor": 4.0, "short_factor": [1.0] * 8,
+                                             "long_factor": [1.0] * 8}}, "rope scaling 'longrope' is not supported"),
+    ({"model_type": "stablelm", "qk_layernorm": True}, "stablelm config with qk_layernorm is not supported"),
+    ({"model_type": "stablelm", "use_parallel_residual": True}, "with use_parallel_residual is not supported"),
+    ({"model_type": "gemma", "hidden_act": "relu"}, "gemma config with activation 'relu' is not supported"),
+    ({"model_type": "qwen3", "hidden_act": "gelu"}, "qwen3 config with hidden_act 'gelu' is not supported"),
+    ({"model_type": "gemma2", "layer_types": ["full_attention", "chunked_attention"]}, "gemma2 config has layer_types"),
+])
+def test_unsupported_family_variants_are_refused_by_name(config_json, message):
+    from kvc.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=message):
+        config_from_hf_dict({**_HF, **config_json})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"nope_layers": (2,)}, "nope_layers"),
+    ({"layer_windows": (4,)}, "layer_windows has 1 entries for 2 layers"),
+    ({"layer_windows": (4, 4)}, "use sliding_window"),
+    ({"layer_windows": (4, None), "sliding_window": 8}, "not both"),
+    ({"partial_rotary_factor": 0.01}, "partial_rotary_factor"),
+    ({"attn_logit_softcap": 0.0}, "attn_logit_softcap must be positive"),
+])
+def test_inconsistent_feature_fields_are_refused(change, message):
+    from kvc.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=message):
+        EXPORT_PRESETS["tiny-qwen3"].replace(**change)
