@@ -5,19 +5,20 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from kvc.contract import GRAPH_DATA_FILE, GRAPH_FILE, ORT_ENTRY, is_past, present_for
 from kvc.errors import GraphError
 from kvc.runtime.artifact import EntryPoint
 
-GRAPH = "graph.onnx"
+GRAPH = GRAPH_FILE
 
 
 def build_ort(model: ir.Model, staging: Path) -> tuple[list[EntryPoint], dict]:
     aliases = in_place_aliases(model)
-    ir.save(model, staging / GRAPH, external_data=GRAPH + ".data")
+    ir.save(model, staging / GRAPH, external_data=GRAPH_DATA_FILE)
     shapes = {v.name: _shape(v) for v in model.graph.inputs}
     outs = {v.name: _shape(v) for v in model.graph.outputs}
     # One graph serves prefill (seq > 1) and decode (seq == 1): ONNX Runtime handles both shapes.
-    entry = EntryPoint(name="forward", inputs=shapes, outputs=outs, aliases=aliases)
+    entry = EntryPoint(name=ORT_ENTRY, inputs=shapes, outputs=outs, aliases=aliases)
     return [entry], {"graph": GRAPH, "cache_update": sorted(set(update_kinds(model, aliases).values()))}
 
 
@@ -33,9 +34,9 @@ def in_place_aliases(model: ir.Model) -> dict[str, str]:
     outputs = {v.name: v for v in model.graph.outputs}
     aliases = {}
     for value in model.graph.inputs:
-        if not value.name.startswith("past_key_values."):
+        if not is_past(value.name):
             continue
-        out_name = "present." + value.name[len("past_key_values."):]
+        out_name = present_for(value.name)
         writer = outputs[out_name].producer() if out_name in outputs else None
         readers = [use.node for use in value.uses()]
         if writer is None or not readers or not all(r is writer or r in _ancestors(writer) for r in readers):
@@ -43,7 +44,7 @@ def in_place_aliases(model: ir.Model) -> dict[str, str]:
                              "runs after the cache is written; run the KV ring-buffer pass on this graph")
         aliases[out_name] = value.name
     if not aliases:
-        raise GraphError("graph has no ring-buffer cache inputs (past_key_values.*) to bind in place")
+        raise GraphError("graph has no ring-buffer cache inputs to bind in place; run the KV ring-buffer pass")
     return aliases
 
 

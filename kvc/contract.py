@@ -146,6 +146,31 @@ class CacheLayoutKind(str, enum.Enum):
 # --- artifact --------------------------------------------------------------------------------
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
+# Fixed file names inside an artifact: the runtime opens these (when listed and hashed), never a path
+# read from a manifest field.
+GRAPH_FILE = "graph.onnx"
+GRAPH_DATA_FILE = "graph.onnx.data"
+PARAMS_FILE = "params.safetensors"
+LIB_DIR = "lib"
+TUNING_DIR = "tuning"
+TOKENIZER_FILE = "tokenizer.json"
+ORT_ENTRY = "forward"  # the ORT engine's one entry point (its graph serves prefill and decode)
+TVM_TARGETS = ("llvm", "cuda")  # TVM target kinds an artifact's lib/<kind>.so is built for
+
+
+def lib_file(target_kind: str) -> str:
+    return f"{LIB_DIR}/{target_kind}.so"
+
+
+def cache_io_names(num_layers: int, with_scales: bool) -> list[tuple[str, str]]:
+    """(input, output) pairs of every cache tensor in graph order (as KvCacheLayout.cache_names)."""
+    pairs = []
+    for layer in range(num_layers):
+        for kind in KINDS:
+            pairs.append((past_name(layer, kind), present_name(layer, kind)))
+            if with_scales:
+                pairs.append((past_scale_name(layer, kind), present_scale_name(layer, kind)))
+    return pairs
 
 
 class EngineKind(str, enum.Enum):

@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 from onnx.external_data_helper import ExternalDataInfo
 from onnx_ir.passes.common import ShapeInferencePass
 
-from kvc.contract import PAST_RE, PRESENT_RE, past_name, present_name
+from kvc.contract import PAST_PREFIX, PAST_RE, PRESENT_RE, past_name, present_name
 from kvc.errors import GraphError
 
 MAX_HEAD_DIM = 256  # widest head the attention kernels (TVM tiles, ORT flash paths) are planned for
@@ -61,7 +61,7 @@ def find_kv_layers(graph: ir.Graph) -> list[KvLayerIO]:
     pasts = _match_names((v for v in graph.inputs), PAST_RE)
     presents = _match_names((v for v in graph.outputs), PRESENT_RE)
     if not pasts:
-        raise GraphError("this graph has no past_key_values.* inputs, so it has no KV cache to rewrite: "
+        raise GraphError(f"this graph has no {PAST_PREFIX}* inputs, so it has no KV cache to rewrite: "
                          "export with `kvc export` (explicit past key/values) or with optimum's "
                          "text-generation-with-past task")
     _check_pairs(pasts, presents)
@@ -208,7 +208,7 @@ def load_model_checked(path: str | os.PathLike) -> ir.Model:
 
 def check_external_data(proto: onnx.ModelProto, model_dir: Path) -> None:
     root = model_dir.resolve()
-    for tensor in _all_tensors(proto.graph):
+    for tensor in all_tensors(proto):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             _check_one_external(tensor, model_dir, root)
 
@@ -251,16 +251,31 @@ def _check_length(tensor: onnx.TensorProto, info: ExternalDataInfo, path: Path, 
                          f"but the tensor needs {needed}; the data file is truncated or stale: re-export the model")
 
 
+def all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of the model that may hold (external) data: initializers, sparse initializers and
+    tensor attributes of the main graph, of every subgraph and of every local function."""
+    yield from _all_tensors(proto.graph)
+    for function in proto.functions:
+        yield from _node_tensors(function.node)
+
+
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     yield from graph.initializer
     for sparse in graph.sparse_initializer:
         yield sparse.values
         yield sparse.indices
-    for node in graph.node:
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes) -> Iterator[onnx.TensorProto]:
+    for node in nodes:
         for attr in node.attribute:
             if attr.HasField("t"):
                 yield attr.t
             yield from attr.tensors
+            for sparse in ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(attr.sparse_tensors):
+                yield sparse.values
+                yield sparse.indices
             if attr.HasField("g"):
                 yield from _all_tensors(attr.g)
             for sub in attr.graphs:

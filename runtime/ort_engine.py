@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto
 
+from kvc.contract import GRAPH_FILE
 from kvc.errors import ArtifactError
 from kvc.runtime.artifact import Manifest
 from kvc.runtime.engine import check_step_inputs
@@ -38,14 +39,25 @@ class OrtEngineOptions:
     log_severity: int = 3  # 0 verbose .. 4 fatal; tests lower it to inspect ORT's in-place messages
 
 
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
 def providers_for(device: str) -> list[str]:
     available = ort.get_available_providers()
     if device == "cuda":
-        if "CUDAExecutionProvider" not in available:
+        if CUDA_PROVIDER not in available:
             raise ArtifactError("device cuda requested but this onnxruntime has no CUDAExecutionProvider; "
                                 "install onnxruntime-gpu or use --device cpu")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [CUDA_PROVIDER, "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def check_session_device(session: ort.InferenceSession, device: str) -> None:
+    """onnxruntime-gpu lists CUDAExecutionProvider even without a usable GPU and then silently falls
+    back to CPU: refuse unless the session really got the CUDA provider."""
+    if device == "cuda" and CUDA_PROVIDER not in session.get_providers():
+        raise ArtifactError("device cuda requested but ONNX Runtime could not start its CUDA provider (no usable "
+                            "GPU or CUDA libraries); use --device cpu or fix the CUDA installation")
 
 
 class OrtEngine:
@@ -53,17 +65,18 @@ class OrtEngine:
         self.options = options
         self.capacity = manifest.cache.capacity
         self.max_batch = options.max_batch
-        self.vocab_size = int(manifest.model["vocab_size"])
+        self.vocab_size = manifest.limits.vocab_size
+        self.max_positions = manifest.limits.max_positions
         so = ort.SessionOptions()
         so.log_severity_level = options.log_severity
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if options.intra_op_threads:
             so.intra_op_num_threads = options.intra_op_threads
-        graph = root / manifest.engine_options["graph"]
-        self.session = ort.InferenceSession(str(graph), so, providers=providers_for(options.device))
-        entry = manifest.entry_points[0]
-        self.aliases = dict(entry.aliases)  # present.* -> past_key_values.*
-        self.cache_inputs = list(self.aliases.values())
+        # the fixed name, listed and hashed (validate_artifact), never a manifest path
+        self.session = ort.InferenceSession(str(root / GRAPH_FILE), so, providers=providers_for(options.device))
+        check_session_device(self.session, options.device)
+        self.aliases = {out: inp for inp, out in manifest.cache.io_names()}  # present.* -> past_key_values.*
+        self.cache_inputs = manifest.cache.cache_inputs()
         # Lowered graphs: bound slots follow the live context (kvc.runtime.live_slots); others: all C.
         self.live_slots = self._has_symbolic_slots()
         self.slots = slots_for(1, self.capacity) if self.live_slots else self.capacity

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kvc.errors import ArtifactError
-from kvc.runtime.artifact import Manifest
+from kvc.contract import PARAMS_FILE, Entry, lib_file
+from kvc.errors import ArtifactError, KvcError
+from kvc.runtime.artifact import Manifest, TvmOptions
 from kvc.runtime.engine import check_step_inputs
 
 _STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "int8": np.int8,
@@ -37,7 +38,7 @@ def _check_cpu_features(built_for: str) -> None:
                             f"{', '.join(missing)}; recompile here, or with --cpu generic for any x86-64")
 
 
-SINGLE_ROW_DECODE = "decode_b1"  # kvc.compiler.tvm_build.SINGLE_ROW_DECODE
+SINGLE_ROW_DECODE = Entry.DECODE_B1.value
 
 
 @dataclass(frozen=True)
@@ -49,19 +50,39 @@ class TvmEngineOptions:
 
 # TVM's runtime.config_threadpool mode: workers float over the given cores (no pinning).
 _SHARE_ALL_CORES = -3
+_pool_threads: int | None = None  # TVM's pool is process-wide: sized once, by the first CPU load
 
 
 def _configure_threads(threads: int) -> None:
     """TVM's pool defaults to half the logical CPUs (it assumes two hyperthreads per core), i.e.
     one thread on a 2-vCPU machine; size it like ONNX Runtime does: one thread per usable core.
-    The pool is process-wide."""
+    The pool is process-wide, so it is configured once; a later load asking another count is refused
+    (reconfiguring would resize the pool under models already loaded)."""
+    global _pool_threads
     import os
 
     import tvm
 
     cores = sorted(os.sched_getaffinity(0))
     count = threads or len(cores)
+    if _pool_threads is not None:
+        if threads and count != _pool_threads:
+            raise KvcError(f"TVM's thread pool is process-wide and already runs {_pool_threads} threads; "
+                           f"load every TVM model of this process with threads={_pool_threads} (or 0)")
+        return
     tvm.get_global_func("runtime.config_threadpool")(_SHARE_ALL_CORES, count, [str(c) for c in cores])
+    _pool_threads = count
+
+
+def _check_device(device: str, target: str) -> None:
+    """Refuse a device the library cannot run on, before the library is loaded."""
+    import tvm
+
+    wanted = {"cpu": "llvm", "cuda": "cuda"}.get(device)
+    if wanted != target:
+        raise ArtifactError(f"artifact was compiled for {target}, not {device}; recompile with the matching --target")
+    if device == "cuda" and not tvm.cuda(0).exist:
+        raise ArtifactError("device cuda requested but TVM finds no CUDA GPU; use --device cpu with a CPU build")
 
 
 class TvmEngine:
@@ -72,36 +93,29 @@ class TvmEngine:
 
         self.capacity = manifest.cache.capacity
         self.max_batch = options.max_batch
-        self.vocab_size = int(manifest.model["vocab_size"])
+        self.vocab_size = manifest.limits.vocab_size
+        self.max_positions = manifest.limits.max_positions
         eo = manifest.engine_options
-        if options.device == "cuda" and eo["target"] != "cuda" or options.device == "cpu" and eo["target"] != "llvm":
-            raise ArtifactError(f"artifact was compiled for {eo['target']}, not {options.device}; "
-                                "recompile with the matching --target")
-        if eo.get("llvm_cpu"):
-            _check_cpu_features(eo["llvm_cpu"])
+        assert isinstance(eo, TvmOptions)  # validate_artifact typed it
+        _check_device(options.device, eo.target)
+        if eo.llvm_cpu:
+            _check_cpu_features(eo.llvm_cpu)
         self.device = tvm.cuda(0) if options.device == "cuda" else tvm.cpu(0)
         if options.device == "cpu":
             _configure_threads(options.threads)
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(root / eo["lib"])), self.device)
+        # fixed names, listed and hashed by validate_artifact (eo.lib was checked to equal lib_file(target))
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(root / lib_file(eo.target))), self.device)
         weights = {name: tvm.runtime.tensor(value, self.device)
-                   for name, value in load_file(str(root / eo["params"])).items()}  # one copy, shared
-        self.entry_params = {entry: [weights[n] for n in names] for entry, names in eo["entry_params"].items()}
-        self.cache_inputs = list(eo["cache_inputs"])
-        shapes = manifest.entry_points[0].inputs
+                   for name, value in load_file(str(root / PARAMS_FILE)).items()}  # one copy, shared
+        self.entry_params = {entry: [weights[n] for n in names] for entry, names in eo.entry_params.items()}
+        self.cache_inputs = manifest.cache.cache_inputs()
         self.caches = {}
         for name in self.cache_inputs:
-            shape = [self.max_batch] + [int(d) for d in shapes[name][1:]]
-            self.caches[name] = tvm.runtime.empty(shape, self._cache_dtype(name, manifest), self.device)
-            self.caches[name].copyfrom(np.zeros(shape, dtype=_STORAGE[self.caches[name].dtype]).view(
-                _STORAGE[self.caches[name].dtype]))
+            shape = manifest.cache.tensor_shape(name, self.max_batch)
+            dtype = manifest.cache.storage(name)
+            self.caches[name] = tvm.runtime.empty(shape, dtype, self.device)
+            self.caches[name].copyfrom(np.zeros(shape, dtype=_STORAGE[dtype]))
         self._tvm = tvm
-
-    @staticmethod
-    def _cache_dtype(name: str, manifest: Manifest) -> str:
-        if name.endswith("_scale"):
-            return "float32"
-        return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8",
-                "fp8": "float8_e4m3fn"}[manifest.cache.dtype]
 
     def _views(self, batch: int) -> list:
         if batch == self.max_batch:
@@ -111,8 +125,8 @@ class TvmEngine:
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, past_len: np.ndarray) -> np.ndarray:
         check_step_inputs(self, input_ids, position_ids, past_len)
         tensor = self._tvm.runtime.tensor
-        entry = "decode" if input_ids.shape[1] == 1 else "prefill"
-        if entry == "decode" and input_ids.shape[0] == 1 and SINGLE_ROW_DECODE in self.entry_params:
+        entry = Entry.DECODE.value if input_ids.shape[1] == 1 else Entry.PREFILL.value
+        if entry == Entry.DECODE.value and input_ids.shape[0] == 1 and SINGLE_ROW_DECODE in self.entry_params:
             entry = SINGLE_ROW_DECODE  # all shapes static: the tunable, leaner step
         caches = self._views(input_ids.shape[0])
         out = self.vm[entry](tensor(np.ascontiguousarray(input_ids, np.int64), self.device),
@@ -124,17 +138,28 @@ class TvmEngine:
                 raise RuntimeError("TVM engine returned a new cache buffer: the in-place update was lost")
         return out[0].numpy()
 
-    def _host(self, name: str) -> np.ndarray:
-        return self.caches[name].numpy()
+    def _row(self, name: str, row: int):
+        """A view of one cache row (rows are contiguous in [B, H, C, D]): only its bytes are copied."""
+        cache = self.caches[name]
+        return cache._create_view(list(cache.shape[1:]), relative_byte_offset=row * self._row_bytes(cache))
+
+    @staticmethod
+    def _row_bytes(cache) -> int:
+        return int(np.prod(cache.shape[1:])) * np.dtype(_STORAGE[cache.dtype]).itemsize
 
     def read_slots(self, row: int, length: int) -> list[np.ndarray]:
-        return [self._host(n)[row, :, :length].copy() for n in self.cache_inputs]
+        if not 0 <= row < self.max_batch or not 0 <= length <= self.capacity:
+            raise ValueError(f"row {row} / {length} slots outside the cache ({self.max_batch} x {self.capacity})")
+        return [self._row(n, row).numpy()[:, :length].copy() for n in self.cache_inputs]
 
     def write_slots(self, row: int, tensors: list[np.ndarray]) -> None:
+        if not 0 <= row < self.max_batch:
+            raise ValueError(f"row {row} outside the cache's {self.max_batch} rows")
         for name, t in zip(self.cache_inputs, tensors):
-            host = self._host(name)
-            host[row, :, : t.shape[1]] = t
-            self.caches[name].copyfrom(host)
+            view = self._row(name, row)
+            host = view.numpy()  # this row only
+            host[:, : t.shape[1]] = t
+            view.copyfrom(host)
 
     def cache_nbytes(self) -> int:
         return sum(int(np.prod(c.shape)) * np.dtype(_STORAGE[c.dtype]).itemsize for c in self.caches.values())
