@@ -62,12 +62,14 @@ class _Api:
         async def guarded(request: Request) -> Response:
             try:
                 self._check_key(request)
-                return await handler(request)
+                response = await handler(request)
             except ApiError as exc:
-                return exc.response()
+                response = exc.response()
             except Exception:
                 log.exception("request failed")
-                return ApiError(500, "internal server error", type_="server_error").response()
+                response = ApiError(500, "internal server error", type_="server_error").response()
+            self.state.http_responses[response.status_code] += 1
+            return response
         return guarded
 
     def _check_key(self, request: Request) -> None:
@@ -120,7 +122,8 @@ class _Api:
         return JSONResponse({"status": "ok"})
 
     async def metrics(self, request: Request) -> Response:
-        text = metrics.render(self.state.scheduler.stats.snapshot(), self.state.model_name)
+        text = metrics.render(self.state.scheduler.stats.snapshot(), self.state.model_name,
+                              dict(self.state.http_responses))
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     # --- pieces ---

@@ -34,8 +34,8 @@ class RequestStream:
             raise bad_request(str(exc), param="prompt", code="context_length_exceeded") from None
         except QueueFull as exc:
             raise overloaded(str(exc)) from None
-        except GenerationError as exc:
-            raise bad_request(str(exc)) from None
+        except GenerationError as exc:  # new_request's checks are about the prompt's ids
+            raise bad_request(str(exc), param="prompt") from None
         except KvcError as exc:  # shutting down
             raise ApiError(503, str(exc), type_="server_error") from None
 

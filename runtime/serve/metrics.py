@@ -6,7 +6,7 @@ from kvc.runtime.scheduler_stats import StatsSnapshot
 PREFIX = "kvc"
 
 
-def render(snap: StatsSnapshot, model: str) -> str:
+def render(snap: StatsSnapshot, model: str, http_responses: dict[int, int]) -> str:
     label = f'model="{_escape(model)}"'
     lines: list[str] = []
 
@@ -17,6 +17,9 @@ def render(snap: StatsSnapshot, model: str) -> str:
     ends = sorted(snap.requests_by_end.items()) or [("stop", 0)]
     metric("requests_total", "counter", "Requests ended, by how they ended.",
            [(f'{{{label},end="{end}"}}', count) for end, count in ends])
+    codes = sorted(http_responses.items()) or [(200, 0)]
+    metric("http_responses_total", "counter", "Responses under /v1, by status code (refusals included).",
+           [(f'{{{label},code="{code}"}}', count) for code, count in codes])
     metric("queue_depth", "gauge", "Requests waiting for a cache row.", [(f"{{{label}}}", snap.queue_depth)])
     metric("batch_rows_busy", "gauge", "Cache rows generating for a request.", [(f"{{{label}}}", snap.rows_busy)])
     metric("batch_rows_total", "gauge", "Cache rows available for decoding.", [(f"{{{label}}}", snap.rows_total)])

@@ -103,6 +103,11 @@ class ChatRequest(_Sampling):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    # OpenAI fields that do not change what is generated: accepted and ignored
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
 
     def unsupported(self) -> list[tuple[str, bool]]:
         return super().unsupported() + [("logprobs", self.logprobs), ("top_logprobs", bool(self.top_logprobs)),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class ServerState:
         self.model_name = config.model_name or Path(model.root).name
         self.scheduler = Scheduler(model, config.scheduler)
         self.chat_template, self.chat_error = _chat_template(model.root)
+        self.http_responses: Counter[int] = Counter()  # status code -> responses (/v1 only)
 
     @classmethod
     def load(cls, artifact: str | os.PathLike, config: ServerConfig) -> "ServerState":
