@@ -39,6 +39,7 @@ class RowTable:
         self.compact = compact
         self.rows: list[ServingRequest | None] = [None] * engine.max_batch  # index 0 is never a request's
         self.moves = 0  # slot copies made to keep rows packed
+        self.rows_run = 0  # rows passed to decode calls, summed (busy rows + row 0 + holes)
 
     @property
     def decode_rows(self) -> int:
@@ -79,6 +80,7 @@ class RowTable:
         width = self._highest_busy() + 1
         if width == 1:
             return None
+        self.rows_run += width
         ids = np.zeros((width, 1), np.int64)
         past = np.zeros(width, np.int64)
         past[PREFILL_ROW] = prefill_at
