@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from kvc.contract import EngineKind, KvDtype, parse_kv_dtype
+from kvc.errors import KvcError
 
 
 class Device(str, enum.Enum):
@@ -41,4 +42,12 @@ class CompileOptions:
             object.__setattr__(self, "engine", EngineKind(self.engine))
 
     def capacity_for(self, max_position_embeddings: int) -> int:
-        return self.max_seq_len if self.max_seq_len is not None else min(max_position_embeddings, 2048)
+        """The ring's capacity. Above the model's positions it could never fill: positions stop at
+        max_position_embeddings (learned tables end there, RoPE was not trained past it), so it is refused."""
+        if self.max_seq_len is None:
+            return min(max_position_embeddings, 2048)
+        if self.max_seq_len > max_position_embeddings:
+            raise KvcError(f"--max-seq-len {self.max_seq_len} exceeds the model's {max_position_embeddings} "
+                           f"positions (max_position_embeddings); use --max-seq-len {max_position_embeddings} "
+                           "or less")
+        return self.max_seq_len

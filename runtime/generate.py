@@ -21,7 +21,7 @@ import numpy as np
 
 from kvc.errors import GenerationError
 from kvc.runtime.detokenize import IncrementalDetokenizer
-from kvc.runtime.engine import Engine
+from kvc.runtime.engine import Engine, check_token_ids
 from kvc.runtime.ring_slots import storage_index
 from kvc.runtime.sampling import Sampler, SamplingParams
 from kvc.runtime.stopping import FinishReason, SequenceStopper
@@ -86,13 +86,17 @@ class Overflow:
 
 @dataclass
 class GenerationStats:
+    """One row's counts (its prompt, its tokens, its cache) and the batch's shared timings: rows of one
+    request run in the same engine calls, so prefill_s, decode_s and time_to_first_token_s are the
+    batch's (``batch_rows`` says how many rows shared them)."""
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    time_to_first_token_s: float = 0.0
+    prefill_s: float = 0.0  # shared by the batch
+    decode_s: float = 0.0  # shared by the batch
+    time_to_first_token_s: float = 0.0  # shared by the batch
     prefix_cache_tokens: int = 0  # prompt tokens served from the prefix cache
     kv_bytes_in_use: int = 0
+    batch_rows: int = 1
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -108,7 +112,15 @@ class GenerationStats:
                 "prefill_s": self.prefill_s, "decode_s": self.decode_s,
                 "prefill_tokens_per_s": self.prefill_tokens_per_s, "decode_tokens_per_s": self.decode_tokens_per_s,
                 "time_to_first_token_s": self.time_to_first_token_s,
-                "prefix_cache_tokens": self.prefix_cache_tokens, "kv_bytes_in_use": self.kv_bytes_in_use}
+                "prefix_cache_tokens": self.prefix_cache_tokens, "kv_bytes_in_use": self.kv_bytes_in_use,
+                "batch_rows": self.batch_rows, "timings_shared_by_batch": self.batch_rows > 1}
+
+
+@dataclass
+class _Timings:
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    time_to_first_token_s: float = 0.0
 
 
 @dataclass
@@ -138,28 +150,38 @@ class PrefixHit:
 
 
 class GenerationRun:
-    """One request: owns the per-row state and yields TextEvents as tokens are generated."""
+    """One request: owns the per-row state and yields TextEvents as tokens are generated.
+
+    Request row r starts in engine row r. When a row finishes, the last active engine row's cache
+    slots move into its place, so decode steps run only the active rows (engine rows 0..n-1);
+    ``order[i]`` is the request row held by engine row i.
+    """
 
     def __init__(self, engine: Engine, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  eos_token_ids: Sequence[int], tokenizer=None, overflow: Overflow | OverflowPolicy = Overflow(),
-                 prefix: PrefixHit | None = None, bytes_per_token: int = 0, sliding_window: int | None = None):
-        """``sliding_window``: the model's own window (manifest.cache.sliding_window), for checking sinks."""
+                 prefix: PrefixHit | None = None, bytes_per_token: int = 0, sliding_window: int | None = None,
+                 max_positions: int | None = None):
+        """``sliding_window``: the model's own window (manifest.cache.sliding_window), for checking sinks;
+        ``max_positions``: the model's max_position_embeddings (default: the engine's)."""
         self.engine, self.params, self.overflow = engine, params, Overflow.of(overflow)
         self.sliding_window = sliding_window
+        self.max_positions = max_positions if max_positions is not None else engine.max_positions
         self.prompts = [list(map(int, p)) for p in prompts]
         self._check_request()
         self.prefix = prefix
         self.bytes_per_token = bytes_per_token
-        self.sampler = Sampler(params, len(self.prompts))
+        self.samplers = [Sampler(params, 1, first_sequence_index=r) for r in range(len(self.prompts))]
         self.history = [list(p) for p in self.prompts]
         self.generated: list[list[int]] = [[] for _ in self.prompts]
         self.stoppers = [SequenceStopper(params, eos_token_ids,
                                          IncrementalDetokenizer(tokenizer, p) if tokenizer is not None else None)
                          for p in self.prompts]
-        # true length of each row (tokens held; the RoPE position of its next token), not capped at C;
-        # the storage index the graph gets as past_len is derived from it (_storage)
+        # true length of each request row (tokens held; the RoPE position of its next token), not capped
+        # at C; the storage index the graph gets as past_len is derived from it (_storage)
         self.seq_len = np.zeros(len(self.prompts), dtype=np.int64)
-        self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in self.prompts))
+        self.order = list(range(len(self.prompts)))
+        self.timings = _Timings()
+        self.swaps = 0  # cache rows moved to keep active rows in front
 
     def _check_request(self) -> None:
         if not self.prompts or any(len(p) == 0 for p in self.prompts):
@@ -167,8 +189,13 @@ class GenerationRun:
         if len(self.prompts) > self.engine.max_batch:
             raise GenerationError(f"{len(self.prompts)} prompts exceed max_batch={self.engine.max_batch} "
                                   "set when the model was loaded; load with a larger max_batch")
+        for p in self.prompts:
+            check_token_ids(p, self.engine.vocab_size)
         self.overflow.check_fits(self.engine.capacity, self.sliding_window)
         longest = max(len(p) for p in self.prompts)
+        if longest > self.max_positions:
+            raise GenerationError(f"prompt of {longest} tokens exceeds the model's {self.max_positions} positions "
+                                  "(max_position_embeddings), even with --on-overflow slide; shorten the prompt")
         if longest > self.engine.capacity and self.overflow.policy is OverflowPolicy.REFUSE:
             raise GenerationError(f"prompt of {longest} tokens exceeds the KV-cache capacity of "
                                   f"{self.engine.capacity}; recompile with a larger --max-seq-len, shorten "
@@ -176,49 +203,72 @@ class GenerationRun:
         if longest > self.engine.capacity and len(self.prompts) > 1:
             raise GenerationError("prompts over capacity can only slide one at a time (batch of 1)")
 
+    def _at_limit(self, row: int) -> bool:
+        """No room for another token: the ring is full (refuse policy) or the next position would reach the
+        model's max_position_embeddings (any policy; learned position tables end there)."""
+        after = int(self.seq_len[row]) + 1
+        return after > self.max_positions or (self.overflow.policy is OverflowPolicy.REFUSE
+                                              and after > self.engine.capacity)
+
     def events(self) -> Iterator[TextEvent]:
         start = time.perf_counter()
-        last_logits = self._prefill()
-        self.stats.prefill_s = time.perf_counter() - start
-        active = list(range(len(self.prompts)))
+        last_logits = self._prefill()  # [n, V] in engine-row order
+        self.timings.prefill_s = time.perf_counter() - start
         first = True
         decode_start = time.perf_counter()
-        while active:
-            tokens = self.sampler.sample(last_logits, self.history)
+        while self.order:
+            tokens = self._sample(last_logits)
             if first:
-                self.stats.time_to_first_token_s = time.perf_counter() - start
+                self.timings.time_to_first_token_s = time.perf_counter() - start
                 first = False
-            for row in list(active):
-                token = int(tokens[row])
-                at_capacity = (self.overflow.policy is OverflowPolicy.REFUSE
-                               and self.seq_len[row] + 1 > self.engine.capacity)
-                out = self.stoppers[row].step(token, at_capacity=at_capacity)
+            finished = []
+            for row, token in zip(self.order, tokens):
+                out = self.stoppers[row].step(token, at_capacity=self._at_limit(row))
                 if out.finish_reason not in (FinishReason.STOP, FinishReason.EOS):
                     self.generated[row].append(token)
                 self.history[row].append(token)
                 if out.text or out.finish_reason is not None:
                     yield TextEvent(row, out.text, out.finish_reason)
                 if out.finish_reason is not None:
-                    active.remove(row)
-            if not active:
+                    finished.append(row)
+            tokens = self._retire(finished, tokens)
+            if not self.order:
                 break
-            last_logits = self._decode(tokens)
-        self.stats.decode_s = time.perf_counter() - decode_start
-        self.stats.generated_tokens = sum(len(g) for g in self.generated)
-        self.stats.kv_bytes_in_use = int(sum(min(int(n), self.engine.capacity) for n in self.seq_len)
-                                         * self.bytes_per_token)
+            last_logits = self._decode(np.array(tokens, dtype=np.int64))
+        self.timings.decode_s = time.perf_counter() - decode_start
+
+    def _sample(self, logits: np.ndarray) -> list[int]:
+        return [int(self.samplers[row].sample(logits[i: i + 1], [self.history[row]])[0])
+                for i, row in enumerate(self.order)]
+
+    def _retire(self, finished: list[int], tokens: list[int]) -> list[int]:
+        """Drop finished rows from the engine batch: move the last active row's slots into each finished
+        one's engine row (one row's live slots copied), so the next step runs only active rows."""
+        for row in finished:
+            i, last = self.order.index(row), len(self.order) - 1
+            if i != last:
+                moved = self.order[last]
+                live = min(int(self.seq_len[moved]), self.engine.capacity)
+                self.engine.write_slots(i, self.engine.read_slots(last, live))
+                self.order[i], tokens[i] = moved, tokens[last]
+                self.swaps += 1
+            self.order.pop()
+            tokens.pop()
+        return tokens
 
     def _storage(self) -> np.ndarray:
-        """past_len for the graph: where each row's next token is stored (see ring_slots)."""
-        return storage_index(self.seq_len, self.engine.capacity, self.overflow.sink_tokens)
+        """past_len for the graph, engine-row order: where each row's next token is stored (see ring_slots)."""
+        return storage_index(self.seq_len[self.order], self.engine.capacity, self.overflow.sink_tokens)
 
     def _forward(self, ids: np.ndarray) -> np.ndarray:
-        """Run ids [B, S] at each row's true positions; multi-token calls must stay below capacity."""
+        """Run ids [n, S] (engine-row order) at each row's true positions; multi-token calls must stay below
+        capacity."""
         width = ids.shape[1]
-        if width > 1 and int(self.seq_len.max()) + width > self.engine.capacity:  # a bug here, not bad input
-            raise RuntimeError(f"a {width}-token call after {int(self.seq_len.max())} tokens would cross the "
+        held = self.seq_len[self.order]
+        if width > 1 and int(held.max()) + width > self.engine.capacity:  # a bug here, not bad input
+            raise RuntimeError(f"a {width}-token call after {int(held.max())} tokens would cross the "
                                f"ring's capacity {self.engine.capacity}; such steps must run one token per call")
-        positions = self.seq_len[:, None] + np.arange(width, dtype=np.int64)[None, :]
+        positions = held[:, None] + np.arange(width, dtype=np.int64)[None, :]
         return self.engine.forward(ids, positions, self._storage())
 
     def _prefill(self) -> np.ndarray:
@@ -229,7 +279,6 @@ class GenerationRun:
                 self.engine.write_slots(row, self.prefix.slots)
             start = self.prefix.length
             self.seq_len[:] = start
-            self.stats.prefix_cache_tokens = start * len(self.prompts)
         remaining = [p[start:] for p in self.prompts]
         if len(remaining) == 1 and start + len(remaining[0]) > self.engine.capacity:
             return self._prefill_sliding(remaining[0])
@@ -256,9 +305,31 @@ class GenerationRun:
         return logits[:, -1]
 
     def _decode(self, tokens: np.ndarray) -> np.ndarray:
-        logits = self._forward(tokens[:, None].astype(np.int64))
-        self.seq_len += 1
+        logits = self._forward(tokens[:, None])
+        self.seq_len[self.order] += 1
         return logits[:, -1]
 
+    @property
+    def stats(self) -> GenerationStats:
+        """Totals over the rows (what a single-prompt run reports)."""
+        rows = [self.row_stats(r) for r in range(len(self.prompts))]
+        total = rows[0]
+        for other in rows[1:]:
+            total.prompt_tokens += other.prompt_tokens
+            total.generated_tokens += other.generated_tokens
+            total.prefix_cache_tokens += other.prefix_cache_tokens
+            total.kv_bytes_in_use += other.kv_bytes_in_use
+        return total
+
+    def row_stats(self, row: int) -> GenerationStats:
+        t = self.timings
+        return GenerationStats(prompt_tokens=len(self.prompts[row]), generated_tokens=len(self.generated[row]),
+                               prefill_s=t.prefill_s, decode_s=t.decode_s,
+                               time_to_first_token_s=t.time_to_first_token_s,
+                               prefix_cache_tokens=self.prefix.length if self.prefix is not None else 0,
+                               kv_bytes_in_use=min(int(self.seq_len[row]), self.engine.capacity)
+                               * self.bytes_per_token, batch_rows=len(self.prompts))
+
     def results(self) -> list[GenerationResult]:
-        return [GenerationResult(s.text, g, s.finish_reason, self.stats) for s, g in zip(self.stoppers, self.generated)]
+        return [GenerationResult(s.text, g, s.finish_reason, self.row_stats(r))
+                for r, (s, g) in enumerate(zip(self.stoppers, self.generated))]

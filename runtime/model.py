@@ -2,19 +2,27 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from kvc.errors import GenerationError
+from kvc.contract import TOKENIZER_FILE, EngineKind
+from kvc.errors import GenerationError, KvcError
 from kvc.runtime.artifact import Manifest, validate_artifact
+from kvc.runtime.engine import check_token_ids
 from kvc.runtime.generate import (GenerationResult, GenerationRun, Overflow, OverflowPolicy, PrefixHit,
                                   TextEvent)
 from kvc.runtime.sampling import SamplingParams
 
 Prompt = str | Sequence[int]
+
+
+DEVICES = ("cpu", "cuda")
+MAX_BATCH_LIMIT = 4096  # cache rows; far above what fits in memory for any real model
 
 
 @dataclass(frozen=True)
@@ -24,12 +32,42 @@ class LoadOptions:
     verify_hashes: bool = True
     threads: int = 0  # 0: the engine's default
 
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            hint = " (NVIDIA GPUs are 'cuda')" if self.device == "gpu" else ""
+            raise KvcError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}{hint}")
+        for name, low, high in (("max_batch", 1, MAX_BATCH_LIMIT), ("threads", 0, 1024)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+                raise KvcError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        if not isinstance(self.verify_hashes, bool):
+            raise KvcError(f"verify_hashes must be True or False, got {self.verify_hashes!r}")
+
 
 class KvcModel:
     def __init__(self, root: Path, manifest: Manifest, engine, tokenizer):
         self.root, self.manifest, self.engine, self.tokenizer = root, manifest, engine, tokenizer
         self.generation_defaults = dict(manifest.generation)
         self._prefixes: dict[tuple[int, ...], PrefixHit] = {}
+        # One engine, one set of cache rows: a run holds the lock from its first step to its last, across
+        # threads (others wait); a thread starting a second run while its own stream is suspended would
+        # deadlock, so that is refused (_owner).
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    @contextmanager
+    def _exclusive(self):
+        """Hold the model's engine for one run (see __init__)."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise GenerationError("this model is already running a generation on this thread (a stream() not "
+                                  "yet exhausted or closed); finish or close() it first, or load a second model")
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
 
     # --- low level: what `kvc bench` and the tests drive directly ---
     @property
@@ -41,32 +79,43 @@ class KvcModel:
         input_ids = np.asarray(input_ids, dtype=np.int64)
         past = np.zeros(input_ids.shape[0], np.int64) if past_len is None else np.asarray(past_len, np.int64)
         positions = past[:, None] + np.arange(input_ids.shape[1], dtype=np.int64)[None, :]
-        return self.engine.forward(input_ids, positions, past)
+        with self._exclusive():
+            return self.engine.forward(input_ids, positions, past)
 
     def decode(self, tokens: np.ndarray, past_len: np.ndarray) -> np.ndarray:
         """One token per row [B] after ``past_len`` tokens; logits [B, V]."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
         past = np.asarray(past_len, dtype=np.int64)
-        return self.engine.forward(tokens, past[:, None], past)[:, -1]
+        with self._exclusive():
+            return self.engine.forward(tokens, past[:, None], past)[:, -1]
 
     # --- text ---
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
-        eos = self.generation_defaults.get("eos_token_ids") or self.manifest.model.get("eos_token_ids") or ()
+        eos = self.generation_defaults.get("eos_token_ids") or self.manifest.limits.eos_token_ids
         return tuple(eos)
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt; text gets the model's BOS unless it already starts with it
         (chat templates usually write it themselves)."""
+        if isinstance(prompt, (bytes, bytearray, memoryview)):
+            raise GenerationError("prompts are str (text) or a list of token ids, got bytes; decode them first, "
+                                  "e.g. prompt.decode('utf-8')")
         if not isinstance(prompt, str):
-            return [int(t) for t in prompt]
+            if not isinstance(prompt, (Sequence, np.ndarray)) or not all(
+                    isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+                raise GenerationError(f"a prompt is str or a sequence of int token ids, got {type(prompt).__name__}")
+            ids = [int(t) for t in prompt]
+            check_token_ids(ids, self.manifest.limits.vocab_size)
+            return ids
         if self.tokenizer is None:
             raise GenerationError("this artifact has no tokenizer.json; pass token ids instead of text")
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
-        bos = self.generation_defaults.get("bos_token_id", self.manifest.model.get("bos_token_id"))
+        bos = self.generation_defaults.get("bos_token_id", self.manifest.limits.bos_token_id)
         wants_bos = self.generation_defaults.get("add_bos", bos is not None) and bos is not None
         if wants_bos and (not ids or ids[0] != int(bos)):
             ids = [int(bos)] + ids
+        check_token_ids(ids, self.manifest.limits.vocab_size)  # a tokenizer bigger than the model's vocab
         return ids
 
     def _run(self, prompts: Sequence[Prompt], params: SamplingParams,
@@ -74,7 +123,8 @@ class KvcModel:
         ids = [self.encode(p) for p in prompts]
         return GenerationRun(self.engine, ids, params, self.eos_token_ids, self.tokenizer, overflow,
                              prefix=self._find_prefix(ids), bytes_per_token=self.kv_bytes_per_token(),
-                             sliding_window=self.manifest.cache.sliding_window)
+                             sliding_window=self.manifest.cache.sliding_window,
+                             max_positions=self.manifest.limits.max_positions)
 
     def generate(self, prompt: Prompt | list[Prompt], params: SamplingParams = SamplingParams(temperature=0.0),
                  overflow: Overflow | OverflowPolicy = Overflow()) -> GenerationResult | list[GenerationResult]:
@@ -82,11 +132,14 @@ class KvcModel:
 
         ``overflow``: what to do past the cache capacity, e.g. ``Overflow(OverflowPolicy.SLIDE,
         sink_tokens=4)`` (a bare OverflowPolicy is accepted too); see kvc.runtime.generate.Overflow."""
+        if isinstance(prompt, (bytes, bytearray, memoryview)):
+            self.encode(prompt)  # the one error for bytes
         single = isinstance(prompt, str) or (len(prompt) > 0 and isinstance(prompt[0], (int, np.integer)))
         prompts = [prompt] if single else list(prompt)
-        run = self._run(prompts, params, overflow)
-        for _ in run.events():
-            pass
+        with self._exclusive():
+            run = self._run(prompts, params, overflow)
+            for _ in run.events():
+                pass
         results = run.results()
         return results[0] if single else results
 
@@ -94,8 +147,9 @@ class KvcModel:
                overflow: Overflow | OverflowPolicy = Overflow()) -> Iterator[TextEvent]:
         """Yield text pieces as they are generated; the last event carries the finish reason.
         After the iterator is exhausted, ``self.last_result`` holds the full GenerationResult."""
-        run = self._run([prompt], params, overflow)
-        yield from run.events()
+        with self._exclusive():
+            run = self._run([prompt], params, overflow)
+            yield from run.events()
         self.last_result = run.results()[0]
 
     # --- prefix cache ---
@@ -105,8 +159,10 @@ class KvcModel:
         ids = self.encode(prefix)
         if len(ids) >= self.capacity:
             raise GenerationError(f"prefix of {len(ids)} tokens does not fit the cache capacity {self.capacity}")
-        self.prefill(np.array([ids], dtype=np.int64))
-        self._prefixes[tuple(ids)] = PrefixHit(len(ids), self.engine.read_slots(0, len(ids)))
+        with self._exclusive():
+            ids_array = np.array([ids], dtype=np.int64)
+            self.engine.forward(ids_array, np.arange(len(ids), dtype=np.int64)[None, :], np.zeros(1, np.int64))
+            self._prefixes[tuple(ids)] = PrefixHit(len(ids), self.engine.read_slots(0, len(ids)))
         return len(ids)
 
     def clear_prefix_cache(self) -> None:
@@ -129,19 +185,29 @@ class KvcModel:
 
 def load(path: str | os.PathLike, options: LoadOptions = LoadOptions()) -> KvcModel:
     """Validate the artifact (format, versions, paths, hashes) before any engine code loads it."""
+    if not isinstance(options, LoadOptions):
+        raise KvcError(f"options must be a kvc.LoadOptions, got {type(options).__name__}")
     root = Path(path)
     manifest = validate_artifact(root, verify_hashes=options.verify_hashes)
+    tokenizer = _load_tokenizer(root, manifest)  # before the engine: a bad tokenizer loads no native code
     engine = _make_engine(root, manifest, options)
-    tokenizer = None
-    if (root / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
     return KvcModel(root, manifest, engine, tokenizer)
 
 
+def _load_tokenizer(root: Path, manifest: Manifest):
+    """The artifact's tokenizer.json (the fixed name, listed and hashed), or None when it has none."""
+    if TOKENIZER_FILE not in manifest.files:
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(root / TOKENIZER_FILE))
+    except Exception as exc:  # tokenizers raises plain Exception for malformed files
+        raise KvcError(f"{TOKENIZER_FILE} in the artifact cannot be read ({str(exc)[:200]}); recompile") from None
+
+
 def _make_engine(root: Path, manifest: Manifest, options: LoadOptions):
-    if manifest.engine == "ort":
+    if manifest.engine is EngineKind.ORT:
         from kvc.runtime.ort_engine import OrtEngine, OrtEngineOptions
 
         return OrtEngine(root, manifest, OrtEngineOptions(device=options.device, max_batch=options.max_batch,

@@ -33,9 +33,10 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        # Lists are accepted for convenience; stored as tuples so the params stay hashable and immutable.
-        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        # One string / one id means that one stop (tuple("stop") would be four one-letter stops); lists are
+        # accepted for convenience; stored as tuples so the params stay hashable and immutable.
+        object.__setattr__(self, "stop_strings", _as_tuple("stop_strings", self.stop_strings, str))
+        object.__setattr__(self, "stop_token_ids", _as_tuple("stop_token_ids", self.stop_token_ids, (int, np.integer)))
         self.validate()
 
     @property
@@ -43,7 +44,8 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def validate(self) -> None:
-        _check_real("temperature", self.temperature, self.temperature >= 0.0, "must be >= 0 (0 means greedy)")
+        _check_real("temperature", self.temperature, self.temperature == 0.0 or self.temperature >= MIN_TEMPERATURE,
+                    f"must be 0 (greedy) or >= {MIN_TEMPERATURE} (smaller values overflow the scaled logits)")
         _check_int("top_k", self.top_k, self.top_k >= 0, "must be >= 0 (0 switches top-k off)")
         _check_real("top_p", self.top_p, 0.0 < self.top_p <= 1.0, "must be in (0, 1] (1 switches top-p off)")
         _check_real("min_p", self.min_p, 0.0 <= self.min_p < 1.0, "must be in [0, 1) (0 switches min-p off)")
@@ -61,6 +63,17 @@ class SamplingParams:
                 raise GenerationError(f"stop_strings must be non-empty strings, got {text!r}")
         for token_id in self.stop_token_ids:
             _check_int("stop_token_ids", token_id, token_id >= 0, "must hold non-negative token ids")
+
+
+MIN_TEMPERATURE = 1e-4  # logits / T must stay finite in float32 for logits up to ~1e34
+
+
+def _as_tuple(name: str, value: object, item_type) -> tuple:
+    if isinstance(value, item_type):
+        return (value,)
+    if isinstance(value, (bytes, bytearray)) or not isinstance(value, (list, tuple, set, frozenset)):
+        raise GenerationError(f"{name} must be a list, got {type(value).__name__}")
+    return tuple(value)
 
 
 def _check_real(name: str, value: object, ok: bool, rule: str) -> None:
@@ -172,6 +185,9 @@ class Sampler:
         if self.params.greedy:
             return np.argmax(processed, axis=-1).astype(np.int64)  # first maximum = lowest id, as torch.argmax
         probs = _softmax(processed)
+        if not np.isfinite(probs).all():
+            raise GenerationError("the sampling distribution is not finite (the model produced NaN/inf logits or "
+                                  "the settings overflowed); use other sampling values or greedy decoding")
         vocab = probs.shape[-1]
         return np.array([rng.choice(vocab, p=row) for rng, row in zip(self._generators, probs)], dtype=np.int64)
 
