@@ -177,3 +177,53 @@ def test_declared_length_shorter_than_its_tensor(saved):
     edit_external(saved, length="100")
     with pytest.raises(GraphError, match="holds 100 bytes.*needs 6144"):
         load_model_checked(saved)
+
+
+def _external_tensor(location: str) -> onnx.TensorProto:
+    tensor = onnx.helper.make_tensor("w", onnx.TensorProto.FLOAT, [4], [0.0] * 4)
+    tensor.ClearField("float_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value=location)
+    return tensor
+
+
+def _model_with_tensor_in(where: str, tensor: onnx.TensorProto) -> onnx.ModelProto:
+    """A graph whose only external tensor sits in a local function, a sparse initializer or a subgraph."""
+    h = onnx.helper
+    x = h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])
+    y = h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])
+    functions, sparse, nodes = [], [], []
+    if where == "function":
+        const = h.make_node("Constant", [], ["c"], value=tensor)
+        add = h.make_node("Add", ["a", "c"], ["b"])
+        functions.append(h.make_function("local", "F", ["a"], ["b"], [const, add],
+                                         [h.make_opsetid("", 18)]))
+        nodes.append(h.make_node("F", ["x"], ["y"], domain="local"))
+    elif where == "sparse":
+        indices = h.make_tensor("w_idx", onnx.TensorProto.INT64, [4], [0, 1, 2, 3])
+        sparse.append(h.make_sparse_tensor(tensor, indices, [4]))
+        nodes.append(h.make_node("Add", ["x", "w"], ["y"]))
+    else:  # a Constant inside an If branch
+        const = h.make_node("Constant", [], ["c"], value=tensor)
+        branch = h.make_graph([const, h.make_node("Add", ["x", "c"], ["z"])], "b", [],
+                              [h.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [4])])
+        cond = h.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])
+        nodes.append(h.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch))
+        graph = h.make_graph(nodes, "g", [cond, x], [y])
+        return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+    graph = h.make_graph(nodes, "g", [x], [y], sparse_initializer=sparse)
+    return h.make_model(graph, functions=functions,
+                        opset_imports=[h.make_opsetid("", 18), h.make_opsetid("local", 1)])
+
+
+@pytest.mark.parametrize("where", ["function", "sparse", "subgraph"])
+def test_external_data_anywhere_in_the_model_is_checked(tmp_path, where):
+    """dea640d checked initializers and subgraph attributes but not local functions or sparse attributes:
+    a Constant inside model.functions could point its data at any file."""
+    (tmp_path / "outside.data").write_bytes(b"\0" * 16)
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    path = model_dir / "model.onnx"
+    onnx.save(_model_with_tensor_in(where, _external_tensor("../outside.data")), str(path))
+    with pytest.raises(GraphError, match="outside the model directory"):
+        load_model_checked(path)
