@@ -116,3 +116,29 @@ def test_wrong_api_key_is_401(server):
 def test_unknown_model_is_404(client):
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
+
+
+def test_client_hangup_cancels_a_plain_request(server):
+    """A non-streamed request whose client goes away ends as cancelled and frees its row."""
+    import time
+
+    import httpx
+
+    url, state = server
+    engine = state.model.engine
+    forward = engine.forward
+    engine.forward = lambda *args: (time.sleep(0.05), forward(*args))[1]  # 100 tokens take > 5 s
+    try:
+        before = state.scheduler.stats.snapshot().requests_by_end.get("cancelled", 0)
+        body = {"model": "tiny", "prompt": "Hi", "max_tokens": 100, "temperature": 0, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5)
+        deadline = time.monotonic() + 10
+        while True:
+            snap = state.scheduler.stats.snapshot()
+            if snap.requests_by_end.get("cancelled", 0) == before + 1 and snap.rows_busy == 0:
+                break
+            assert time.monotonic() < deadline, "the abandoned request kept its row"
+            time.sleep(0.05)
+    finally:
+        engine.forward = forward
