@@ -28,7 +28,7 @@ from onnx_ir.passes.common import ShapeInferencePass, TopologicalSortPass
 from onnxscript.rewriter import pattern
 
 from kvc.passes._patterns import (FLOAT_TYPES, ProbeError, SampleDims, attr_int, const_ints, const_scalar,
-                                  downstream_nodes, explain_no_match, opset_version, rank, run_slice,
+                                  downstream_nodes, explain_no_match, rank, run_slice,
                                   sample_like, static_dim, summarize)
 from kvc.passes.base import KvcPass, PassReport
 

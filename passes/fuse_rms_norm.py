@@ -12,7 +12,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from kvc.passes._patterns import (FLOAT_TYPES, attr_int, const_ints, const_scalar, downstream_nodes,
-                                  explain_no_match, opset_version, rank, summarize)
+                                  explain_no_match, rank, summarize)
 from kvc.passes.base import KvcPass, PassReport
 
 MIN_OPSET = 23

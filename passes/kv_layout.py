@@ -53,7 +53,6 @@ import onnx_ir as ir
 
 from kvc.contract import (
     INPUT_IDS,
-    KINDS,
     LAYOUT_KEY,
     LOGITS,
     PAST_LEN,
@@ -61,10 +60,7 @@ from kvc.contract import (
     CacheLayoutKind,
     KvDtype,
     ScaleKind,
-    past_name,
-    past_scale_name,
-    present_name,
-    present_scale_name,
+    cache_io_names,
 )
 from kvc.errors import GraphError, KvcError
 
@@ -173,13 +169,7 @@ class KvCacheLayout:
 
     def cache_names(self) -> list[tuple[str, str]]:
         """(input, output) pairs of every cache tensor, in graph order; bind each pair to one buffer."""
-        pairs = []
-        for layer in range(self.num_layers):
-            for kind in KINDS:
-                pairs.append((past_name(layer, kind), present_name(layer, kind)))
-                if self.scales is ScaleKind.PER_TOKEN:
-                    pairs.append((past_scale_name(layer, kind), present_scale_name(layer, kind)))
-        return pairs
+        return cache_io_names(self.num_layers, with_scales=self.scales is ScaleKind.PER_TOKEN)
 
     def input_names(self) -> list[str]:
         return [INPUT_IDS, POSITION_IDS, PAST_LEN] + [i for i, _ in self.cache_names()]
