@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvc.models.config import ModelConfig, NormKind, NormPlacement, QkNorm
 from tests.models.family_cases import CASES, build_hf
 
 pytest.importorskip("transformers")
@@ -32,6 +33,19 @@ def exported_family(request, tmp_path_factory):
     onnx_path = tmp_path_factory.mktemp(f"export-{case.name}") / "model.onnx"
     export_onnx(loaded.model, loaded.config, onnx_path)
     return case, hf, checkpoint, onnx_path
+
+
+EXPECTED_FUSIONS = ("rms_norm", "rotary", "attention", "kv_ring_buffer")
+
+
+def expected_fusions(c: ModelConfig) -> dict[str, int]:
+    """Fused-op counts: every RMSNorm (block, q/k and final), RoPE on q and k of each rotary layer, every layer's
+    attention and ring."""
+    per_block = {NormPlacement.PRE: 2, NormPlacement.SANDWICH: 4, NormPlacement.POST: 2}[c.norm_placement]
+    per_block += 0 if c.qk_norm is QkNorm.NONE else 2
+    rms = 0 if c.norm is NormKind.LAYER else c.num_layers * per_block + 1
+    rope_layers = sum(c.uses_rope(i) for i in range(c.num_layers))
+    return {"rms_norm": rms, "rotary": 2 * rope_layers, "attention": c.num_layers, "kv_ring_buffer": c.num_layers}
 
 
 def compile_artifact(onnx_path, out, engine: str = "ort"):
@@ -63,6 +77,7 @@ def test_ort_engine_greedy_tokens_equal_transformers_generate(exported_family, t
     case, hf, _, onnx_path = exported_family
     result = compile_artifact(onnx_path, tmp_path / "out.kvc")
     assert result.manifest.model["family"] == case.expected.family.value
+    assert {r.name: r.matched for r in result.reports if r.name in EXPECTED_FUSIONS} == expected_fusions(case.expected)
     assert kvc_greedy(tmp_path / "out.kvc", PROMPT, NEW_TOKENS) == hf_greedy(hf, PROMPT, NEW_TOKENS)
 
 
