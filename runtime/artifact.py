@@ -98,8 +98,17 @@ class EntryPoint:
         object.__setattr__(self, "aliases", f.string_map(self.aliases, f"{where}.aliases"))
 
 
+class _FieldAccess:
+    """options["lib"] reads a field, as code written for the former dict does (read-only)."""
+
+    def __getitem__(self, key: str):
+        if key not in {fld.name for fld in dataclasses.fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
+
+
 @dataclass(frozen=True)
-class OrtOptions:
+class OrtOptions(_FieldAccess):
     graph: str  # must be kvc.contract.GRAPH_FILE; the runtime opens that fixed name
     cache_update: tuple[str, ...] = ()  # op writing each cache back (informational)
 
@@ -111,7 +120,7 @@ class OrtOptions:
 
 
 @dataclass(frozen=True)
-class TvmOptions:
+class TvmOptions(_FieldAccess):
     lib: str  # must be kvc.contract.lib_file(target)
     params: str  # must be kvc.contract.PARAMS_FILE
     target: str  # TVM target kind: llvm | cuda
