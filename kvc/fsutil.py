@@ -219,7 +219,11 @@ def why_not_replaceable(target: Path, keep: Iterable[str | os.PathLike] = ()) ->
     if not target.is_dir():
         return "it is a file, not a kvc artifact directory"
     resolved = target.resolve()
-    if _contains(resolved, Path.cwd().resolve()):
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the working directory was deleted: nothing of it can be inside target
+        cwd = None
+    if cwd is not None and _contains(resolved, cwd):
         return "it is or holds the current directory"
     for path in keep:
         if _contains(resolved, Path(path).resolve()):
