@@ -150,7 +150,7 @@ class KvcModel:
         with self._exclusive():
             run = self._run([prompt], params, overflow)
             yield from run.events()
-        self.last_result = run.results()[0]
+            self.last_result = run.results()[0]  # set under the lock: the last run to finish
 
     # --- prefix cache ---
     def cache_prefix(self, prefix: Prompt) -> int:
