@@ -19,6 +19,7 @@ from typing import Callable
 from kvc.compiler.bench.bandwidth import has_per_token_scales
 from kvc.compiler.bench.options import BASELINE_KV_DTYPE, BenchConfig, EngineName
 from kvc.compiler.bench.runners import Runner
+from kvc.contract import ScaleKind
 from kvc.errors import KvcError
 from kvc.models.config import ModelConfig
 from kvc.models.loaders.source_kind import SourceKind, resolve_source
@@ -80,12 +81,12 @@ def _artifact_target(path: Path, bench: BenchConfig) -> BenchTarget:
         raise KvcError(f"artifact {path} holds {manifest.cache.capacity} tokens, but the deepest context plus "
                        f"--gen needs {bench.capacity}; lower --contexts/--gen or recompile with "
                        f"--max-seq-len {bench.capacity}")
-    engine = EngineName(f"kvc-{manifest.engine}")
-    dtype = manifest.cache.dtype
+    engine = EngineName(f"kvc-{_enum_value(manifest.engine)}")  # the manifest holds kvc.contract enums
+    dtype = _enum_value(manifest.cache.dtype)
     target = BenchTarget(ModelConfig.from_dict(manifest.model), f"artifact {path}")
     target.slots.append(EngineSlot(engine, dtype,
                                    lambda: open_kvc(path, engine, dtype, bench.batch, bench.resolved_threads()),
-                                   per_token_scales=manifest.cache.scales in ("per-token-head", "per_token"),
+                                   per_token_scales=_enum_value(manifest.cache.scales) == ScaleKind.PER_TOKEN.value,
                                    capacity=manifest.cache.capacity))
     return target
 
@@ -186,6 +187,10 @@ def compile_once(onnx_path: Path, engine: EngineName, kv_dtype: str, capacity: i
         options = CompileOptions(engine=EngineKind(engine.compile_engine), max_seq_len=capacity, kv_dtype=kv_dtype)
         compile_model(onnx_path, out, options, overwrite=True, progress=lambda *_: None)
     return out
+
+
+def _enum_value(value) -> str:
+    return getattr(value, "value", value)
 
 
 def _file_key(path: Path) -> str:
