@@ -23,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -157,7 +158,8 @@ def main() -> None:
     ap.add_argument("--preset", default="llama-100m")
     ap.add_argument("--artifact", type=Path, help="an artifact with a tokenizer (default: build --preset)")
     ap.add_argument("--capacity", type=int, default=512)
-    ap.add_argument("--workdir", type=Path, default=Path("benchmarks/results/serve_work"))
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "kvc-serve-bench",
+                    help="where the built artifact is kept between runs")
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--modes", default="continuous,sequential")
     ap.add_argument("--max-batch", type=int, default=16)
@@ -169,7 +171,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_bench.json"))
     args = ap.parse_args()
 
-    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.artifact is None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     artifact = (args.artifact or build_artifact(args.preset, args.capacity, args.workdir)).resolve()
     vocab = json.loads((artifact / "manifest.json").read_text())["model"]["vocab_size"]
     rows: list[Row] = []
