@@ -48,25 +48,30 @@ class PeerSettings:
 
 @dataclass(frozen=True)
 class PeerLayout:
-    """Where setup.sh puts things under the peers directory."""
+    """Where setup.sh puts things under the peers directory; each can be pointed elsewhere (an existing
+    llama.cpp build, GGUF or ORT-GenAI model, e.g. the ones another harness made)."""
 
     root: Path
     preset: str = "llama-100m"
+    python_override: Path | None = None
+    llama_bin: Path | None = None  # folder holding llama-bench and llama-batched-bench
+    gguf_override: Path | None = None
+    ortgenai_override: Path | None = None
 
     @property
     def python(self) -> Path:
-        return self.root / "venv" / "bin" / "python"
+        return self.python_override or self.root / "venv" / "bin" / "python"
 
     def tool(self, name: str) -> Path:
-        return self.root / "llama.cpp-build" / "bin" / name
+        return (self.llama_bin or self.root / "llama.cpp-build" / "bin") / name
 
     @property
     def gguf(self) -> Path:
-        return self.root / "models" / f"{self.preset}-f32.gguf"
+        return self.gguf_override or self.root / "models" / f"{self.preset}-f32.gguf"
 
     @property
     def ortgenai_model(self) -> Path:
-        return self.root / "models" / f"ortgenai-{self.preset}"
+        return self.ortgenai_override or self.root / "models" / f"ortgenai-{self.preset}"
 
 
 def llama_bench_command(layout: PeerLayout, s: PeerSettings, kv: str, flash: bool) -> list[str]:
@@ -158,9 +163,14 @@ def main() -> None:
     parser.add_argument("--llama-kv", default="f16,q8_0", help="llama.cpp cache types (-ctk/-ctv)")
     parser.add_argument("--no-flash-attn", action="store_true", help="llama.cpp without flash attention")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per peer run")
+    parser.add_argument("--python", type=Path, default=None, help="the peers' interpreter (default: DIR/venv)")
+    parser.add_argument("--llama-bin", type=Path, default=None, help="folder of llama-bench, llama-batched-bench")
+    parser.add_argument("--gguf", type=Path, default=None, help="F32 GGUF of the same weights")
+    parser.add_argument("--ortgenai-model", type=Path, default=None, help="ORT-GenAI model folder of the same weights")
     args = parser.parse_args()
     doc = json.loads(args.into.read_text())
-    layout = PeerLayout(args.peers_dir.expanduser(), PeerSettings.from_header(doc["header"]).preset)
+    layout = PeerLayout(args.peers_dir.expanduser(), PeerSettings.from_header(doc["header"]).preset, args.python,
+                        args.llama_bin, args.gguf, args.ortgenai_model)
     peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
     kv = tuple(k.strip() for k in args.llama_kv.split(",") if k.strip())
     write_merged(add_peers(doc, layout, peers, kv, not args.no_flash_attn, args.timeout), args.into, args.csv)

@@ -120,3 +120,11 @@ def test_checkpoint_round_trips_and_has_a_full_vocabulary(tmp_path):
     sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "hf" / "tokenizer.model"))
     assert sp.vocab_size() == 256
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_key_value_heads"] == 2
+
+
+def test_layout_paths_can_point_at_an_existing_build(tmp_path):
+    default = peer_run.PeerLayout(tmp_path, "llama-100m")
+    assert default.tool("llama-bench") == tmp_path / "llama.cpp-build" / "bin" / "llama-bench"
+    assert default.gguf == tmp_path / "models" / "llama-100m-f32.gguf"
+    other = peer_run.PeerLayout(tmp_path, "llama-100m", llama_bin=Path("/x/bin"), gguf_override=Path("/x/m.gguf"))
+    assert other.tool("llama-bench") == Path("/x/bin/llama-bench") and other.gguf == Path("/x/m.gguf")
