@@ -19,11 +19,13 @@ so 8192 costs seconds; the peers prefill for real. Prefill (real) is timed at 12
 row has the roofline: weights once + every row's live KV in its stored dtype (scales included) over the copy
 bandwidth measured at the start, and the share of that bandwidth reached.
 
-Duration on the project's 2-core machine: roughly 35-50 min without peers (the kvc compiles at capacity 8224 are
-~1 min each for ORT and 2-4 min each for TVM; the batch-4 x 8192 decodes move ~2.5 GB per step), plus ~10 min
-with peers (ORT-GenAI and llama.cpp prefill every depth for real). --quick runs a 2-context smoke version
-(128, 512; 8 steps, 1 repetition) in a few minutes. Run it on an idle machine: with other processes on the
-2 cores, multi-threaded engines slow down by large, erratic factors.
+Duration on the project's 2-core machine, estimated (not yet run whole on an idle machine): 35-50 min without
+peers (kvc compiles at capacity 8192 once for both batches, ~1 min each for ORT and 2-4 min each for TVM; a
+batch-4 step at 8160 moves ~1.6 GB (fp32 KV), the concat baselines copy that cache every step), plus 15-20 min
+with peers (ORT-GenAI and llama.cpp prefill every depth for real, batch 4 x 8160 included). --quick runs a
+2-context smoke version (128, 512; 8 steps, 1 repetition; 21 min with --no-tvm and ORT-GenAI on a machine at load
+average 14, a few minutes when idle). Run it on an idle machine: with other processes on the 2 cores,
+multi-threaded engines slow down by large, erratic factors.
 """
 from __future__ import annotations
 
