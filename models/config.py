@@ -34,7 +34,7 @@ class NormPlacement(str, enum.Enum):
     """Where a block normalizes. Parameter names follow HF in each case."""
 
     PRE = "pre"  # input_layernorm -> attn, post_attention_layernorm -> mlp (Llama)
-    SANDWICH = "sandwich"  # input_layernorm -> attn -> post_attention_layernorm, pre_/post_feedforward_layernorm (Gemma2)
+    SANDWICH = "sandwich"  # input_ -> attn -> post_attention_, pre_feedforward_ -> mlp -> post_feedforward_ (Gemma2)
     POST = "post"  # attn -> post_attention_layernorm, mlp -> post_feedforward_layernorm (OLMo2)
 
 

@@ -7,7 +7,7 @@ express them).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -23,7 +23,6 @@ class FamilyCase:
     make_hf: Callable[[], Any]  # a transformers *ForCausalLM at random init
     expected: ModelConfig  # what config_from_hf_dict must make of its saved config.json
     compiles: bool = True  # kvc compile can express it at the e2e capacity
-    hf_kwargs: dict = field(default_factory=dict)
 
 
 def _tf():
