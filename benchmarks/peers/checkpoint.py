@@ -1,6 +1,6 @@
 """Write a kvc preset's seeded weights as a Hugging Face Llama checkpoint that every peer reads.
 
-    python benchmarks/peers/checkpoint.py OUT_DIR [--preset llama-100m] [--seed 0]
+    python benchmarks/peers/checkpoint.py OUT_DIR [--preset llama-100m] [--seed 0] [--max-positions 65536]
 
 Run with kvc's interpreter. OUT_DIR gets config.json, model.safetensors (kvc's parameter names are
 Hugging Face's, a tied LM head stored once) and a tokenizer: the presets have random weights and no
@@ -93,7 +93,9 @@ def write_tokenizer(out: Path, vocab_size: int, max_len: int) -> None:
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2))
 
 
-def write_checkpoint(out: Path, preset: str, seed: int) -> None:
+def write_checkpoint(out: Path, preset: str, seed: int, max_positions: int | None = None) -> None:
+    """``max_positions`` rewrites only config.json's max_position_embeddings: plain RoPE does not depend on
+    it, so the same weights can be benched at capacities past the preset's table (e.g. 32768)."""
     import torch
     from safetensors.torch import save_file
 
@@ -102,6 +104,8 @@ def write_checkpoint(out: Path, preset: str, seed: int) -> None:
 
     loaded = load_source(preset, seed=seed)
     model, config = loaded.model.eval(), loaded.config
+    if max_positions is not None:
+        config = config.replace(max_position_embeddings=max_positions)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
     if config.tie_word_embeddings:
@@ -122,8 +126,10 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--preset", default="llama-100m")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-positions", type=int, default=None,
+                        help="config.json's max_position_embeddings (default: the preset's)")
     args = parser.parse_args()
-    write_checkpoint(args.out, args.preset, args.seed)
+    write_checkpoint(args.out, args.preset, args.seed, args.max_positions)
     print(f"wrote {args.out}")
 
 

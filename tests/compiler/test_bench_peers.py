@@ -128,3 +128,10 @@ def test_layout_paths_can_point_at_an_existing_build(tmp_path):
     assert default.gguf == tmp_path / "models" / "llama-100m-f32.gguf"
     other = peer_run.PeerLayout(tmp_path, "llama-100m", llama_bin=Path("/x/bin"), gguf_override=Path("/x/m.gguf"))
     assert other.tool("llama-bench") == Path("/x/bin/llama-bench") and other.gguf == Path("/x/m.gguf")
+
+
+def test_checkpoint_can_declare_more_positions_for_capacity_comparisons(tmp_path):
+    import checkpoint
+
+    checkpoint.write_checkpoint(tmp_path / "hf", "tiny", seed=0, max_positions=4096)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["max_position_embeddings"] == 4096
