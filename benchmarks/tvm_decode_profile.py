@@ -100,7 +100,8 @@ def main() -> None:
         model = load(path, LoadOptions(max_batch=args.batch, threads=args.threads))
         label = f"{model.manifest.engine}/{model.manifest.cache.dtype} cap {model.capacity}"
         if model.manifest.engine == "tvm":
-            model.engine.root_lib = f"{path}/{model.manifest.engine_options['lib']}"
+            from pathlib import Path
+            model.engine.root_lib = str(next(Path(path, "lib").glob("*.so")))  # lib/<target>.so
         for ctx in args.contexts:
             if ctx >= model.capacity:
                 continue
