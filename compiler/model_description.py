@@ -53,8 +53,12 @@ def describe_model(model: ir.Model, model_dir: Path, options: CompileOptions) ->
     if options.sliding_window is not None:
         config = dataclasses.replace(config, sliding_window=options.sliding_window)
         source += f"; sliding window {options.sliding_window} from --sliding-window"
+    capacity = options.capacity_for(config.max_position_embeddings)
+    blockers = config.ring_buffer_blockers(capacity)
+    if blockers:
+        raise GraphError(blockers[0])
     return ModelDescription(config=config, config_source=source, generation=_generation(model_dir, model),
-                            capacity=options.capacity_for(config.max_position_embeddings),
+                            capacity=capacity,
                             kv_dtype=options.kv_dtype, fp8_scales=_read_scales(options.kv_scales))
 
 

@@ -198,6 +198,3 @@ class KvCacheLayout:
             raise GraphError(f"this graph has no {LAYOUT_KEY} metadata, so its KV cache is not a ring buffer; "
                              "run the KV ring-buffer pass first")
         return cls.from_dict(json.loads(text))
-
-# kvc/cli/plan_cmd.py still imports parse_kv_dtype from here; drop this once it imports kvc.contract's.
-from kvc.contract import parse_kv_dtype  # noqa: E402,F401  (short-lived re-export)

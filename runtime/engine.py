@@ -31,6 +31,10 @@ class Engine(Protocol):
         """Write tensors from ``read_slots`` into the first slots of ``row``."""
         ...
 
+    def release_slots(self) -> None:
+        """A new generation rewrites every row from slot 0: buffers sized to the live context may shrink."""
+        ...
+
     def cache_nbytes(self) -> int:
         """Bytes of all cache tensors allocated (all rows)."""
         ...

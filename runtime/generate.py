@@ -273,6 +273,7 @@ class GenerationRun:
 
     def _prefill(self) -> np.ndarray:
         """Run all prompt tokens; return each row's logits at its last prompt token [B, V]."""
+        self.engine.release_slots()  # this run rewrites every row it uses from slot 0
         start = 0
         if self.prefix is not None:
             for row in range(len(self.prompts)):

@@ -110,12 +110,17 @@ class OrtEngine:
         for name, array in self.caches.items():
             array[:, :, :keep] = old[name][:, :, :keep]
 
-    def _fit_slots(self, needed: int, grow_only: bool = False) -> None:
-        if not self.live_slots:
-            return
-        slots = slots_for(needed, self.capacity)
-        if slots > self.slots or (slots < self.slots and not grow_only):
-            self._resize(slots)
+    def _fit_slots(self, needed: int) -> None:
+        """Grow the bound slots to what ``needed`` tokens per row take; never shrink here, because rows
+        outside the current call (a server's other requests) may hold more."""
+        if self.live_slots and slots_for(needed, self.capacity) > self.slots:
+            self._resize(slots_for(needed, self.capacity))
+
+    def release_slots(self) -> None:
+        """Every row is about to be rewritten from slot 0 (a new generation): shrink the bound slots back
+        to the minimum, so a short request after a long one pays for its own context only."""
+        if self.live_slots and self.slots > slots_for(1, self.capacity):
+            self._resize(slots_for(1, self.capacity))
 
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, past_len: np.ndarray) -> np.ndarray:
         check_step_inputs(self, input_ids, position_ids, past_len)
@@ -141,7 +146,7 @@ class OrtEngine:
         return [self.caches[n][row, :, :length].copy() for n in self.cache_inputs]
 
     def write_slots(self, row: int, tensors: list[np.ndarray]) -> None:
-        self._fit_slots(max(t.shape[1] for t in tensors), grow_only=True)
+        self._fit_slots(max(t.shape[1] for t in tensors))
         for name, t in zip(self.cache_inputs, tensors):
             self.caches[name][row, :, : t.shape[1]] = t
 

@@ -64,7 +64,6 @@ class Scheduler:
         """``model``: a KvcModel loaded with max_batch = decode rows + 1 (row 0 prefills)."""
         self.model, self.options = model, options
         self.engine = model.engine
-        _bind_full_capacity(self.engine)
         self.capacity = self.engine.capacity
         self.rows = RowTable(self.engine, options.compact)
         self.prefix = PrefixStore(options.prefix_cache_tokens, options.min_prefix_match)
@@ -255,13 +254,3 @@ def _why_dropped(request: ServingRequest, where: str) -> tuple[EndReason, str]:
     if request.cancelled:
         return EndReason.CANCELLED, f"cancelled {where}"
     return EndReason.TIMEOUT, f"timed out {where}"
-
-
-def _bind_full_capacity(engine) -> None:
-    """The ORT engine binds cache buffers sized by the rows of the current call (live slots) and
-    rebinds *all* rows when that size changes, so a prefill call over row 0 alone would truncate the
-    longer rows. Bind the full capacity once and keep it (work then follows the capacity, not the
-    live context, as for graphs compiled without live slots)."""
-    if getattr(engine, "live_slots", False):
-        engine._fit_slots(engine.capacity)
-        engine.live_slots = False

@@ -161,5 +161,8 @@ class TvmEngine:
             host[:, : t.shape[1]] = t
             view.copyfrom(host)
 
+    def release_slots(self) -> None:
+        """Nothing to release: the TVM kernels already read only the live slots of full-capacity buffers."""
+
     def cache_nbytes(self) -> int:
         return sum(int(np.prod(c.shape)) * np.dtype(_STORAGE[c.dtype]).itemsize for c in self.caches.values())

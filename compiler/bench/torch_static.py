@@ -18,7 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kvc.errors import KvcError
 from kvc.models.config import Family, ModelConfig
+
+STATIC_FAMILIES = frozenset({Family.LLAMA, Family.GPT2})
 from kvc.models.layers import apply_rope, rope_cos_sin
 
 
@@ -114,6 +117,9 @@ def static_forward(model, cache: StaticKVCache, input_ids: Tensor, start: int) -
     their K/V are written into ``cache`` at slots start..start+S-1."""
     if start + input_ids.shape[1] > cache.capacity:
         raise ValueError(f"{start + input_ids.shape[1]} tokens exceed the static cache's {cache.capacity} slots")
+    if model.config.family not in STATIC_FAMILIES:  # the other RoPE families add features this loop omits
+        raise KvcError(f"the torch-static baseline covers {sorted(f.value for f in STATIC_FAMILIES)}, not "
+                       f"{model.config.family.value}; bench other engines (--engines kvc-ort,kvc-tvm,...)")
     forward = _gpt2_forward if model.config.family is Family.GPT2 else _llama_forward
     with torch.no_grad():
         return forward(model, cache, input_ids, start)

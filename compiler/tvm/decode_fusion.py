@@ -12,8 +12,10 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from kvc.contract import Entry
 
-def fuse_decode(mod: tvm.IRModule, entry: str = "decode") -> tvm.IRModule:
+
+def fuse_decode(mod: tvm.IRModule, entry: str = Entry.DECODE.value) -> tvm.IRModule:
     """``mod`` after LegalizeOps, with ``entry`` and its kernels fused; other functions unchanged."""
     decode_gv = mod.get_global_var(entry)
     fused = _fuse(_reachable_module(mod, decode_gv))

@@ -120,8 +120,6 @@ def test_tvm_engine_greedy_tokens_equal_transformers_generate(case, tmp_path):
     assert kvc_greedy(tmp_path / "tvm.kvc", PROMPT, NEW_TOKENS) == hf_greedy(hf, PROMPT, NEW_TOKENS)
 
 
-@pytest.mark.xfail(strict=True, reason="kvc compile does not check ModelConfig.ring_buffer_blockers yet "
-                                       "(compiler/model_description.py, the lead's part): it compiles silently wrong")
 @pytest.mark.parametrize("case", [c for c in CASES if not c.compiles], ids=lambda c: c.name)
 def test_compile_refuses_per_layer_windows_narrower_than_the_capacity(case, tmp_path):
     from kvc.errors import KvcError
