@@ -61,7 +61,7 @@ def compile_(model: Path, output: Path | None, engine: str, device: str, max_seq
     cache = result.manifest.cache
     click.echo(f"model config: {result.config_source}")
     click.echo(f"wrote {output}: engine {engine} ({device}), ring cache {cache.capacity} tokens x "
-               f"{cache.num_layers} layers, {cache.dtype}")
+               f"{cache.num_layers} layers, {cache.dtype.value}")
 
 
 def check_inputs(model: Path, kv_scales: Path | None, config_path: Path | None) -> None:
