@@ -40,9 +40,15 @@ def fake_artifact(root: Path, extra: dict[str, bytes] | None = None) -> Path:
     return root
 
 
+def _as_a_foreground_program() -> None:
+    """A shell starts background jobs (CI runners, `cmd &`) with SIGINT ignored, and children inherit
+    that; the child here stands for a program the user can interrupt, so give SIGINT its default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_child(parent: Path) -> subprocess.Popen:
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(parent)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True, preexec_fn=_as_a_foreground_program)
     assert child.stdout.readline().strip() == "staged", child.stderr.read()
     return child
 

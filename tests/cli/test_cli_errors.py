@@ -66,7 +66,7 @@ def test_plan_of_dev_zero_is_refused_without_reading_it():
 
 
 def test_plan_of_a_fifo_is_refused_without_blocking(fifo):
-    assert_one_line_error(kvc_subprocess("plan", fifo, timeout=30), "FIFO")
+    assert_one_line_error(kvc_subprocess("plan", fifo, timeout=180), "FIFO")  # blocking would hang for ever
 
 
 @pytest.mark.parametrize("content, fragment", [
