@@ -41,9 +41,10 @@ def fake_artifact(root: Path, extra: dict[str, bytes] | None = None) -> Path:
 
 
 def _as_a_foreground_program() -> None:
-    """A shell starts background jobs (CI runners, `cmd &`) with SIGINT ignored, and children inherit
-    that; the child here stands for a program the user can interrupt, so give SIGINT its default."""
+    """Background jobs start with SIGINT ignored (`cmd &`) and nohup ignores SIGHUP; children inherit
+    that. The child here stands for a program the user can interrupt: give both their default."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def start_child(parent: Path) -> subprocess.Popen:
