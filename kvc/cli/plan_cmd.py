@@ -7,7 +7,6 @@ capacity as defaults).
 from __future__ import annotations
 
 import difflib
-import enum
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,23 +16,16 @@ import click
 
 from kvc.contract import KV_DTYPE_NAMES, MANIFEST_FILE, KvDtype, ScaleKind, parse_kv_dtype
 from kvc.errors import ArtifactError, CheckpointError, KvcError
+from kvc.models.loaders.source_kind import HF_CONFIG_FILE, SourceKind, resolve_source
 
 if TYPE_CHECKING:  # the planner's imports (torch via kvc.models, onnx_ir) wait until a plan is made
     from kvc.tools.plan import PlanRequest
     from kvc.models.config import ModelConfig
 
-HF_CONFIG = "config.json"
-MANIFEST = MANIFEST_FILE
+PLANNABLE = frozenset({SourceKind.ARTIFACT, SourceKind.PRESET, SourceKind.HF, SourceKind.KNOWN})
 _HF_DTYPES = {"float32": KvDtype.FP32.value, "float16": KvDtype.FP16.value, "bfloat16": KvDtype.BF16.value}
 _FP8_SCALES = {"static": ScaleKind.STATIC_PER_HEAD.value, "dynamic": ScaleKind.PER_TOKEN.value}
 FP32 = KvDtype.FP32.value  # presets and artifacts hold fp32 weights
-
-
-class SourceKind(str, enum.Enum):
-    KNOWN = "known"  # models/known_models.py
-    PRESET = "preset"  # models/presets.py
-    HF_CONFIG = "hf-config"  # a Hugging Face config.json
-    ARTIFACT = "artifact"  # a `kvc compile` output directory
 
 
 @dataclass(frozen=True)
@@ -41,7 +33,7 @@ class ModelSource:
     """A resolved MODEL argument and the defaults it brings."""
 
     config: ModelConfig
-    kind: SourceKind
+    kind: SourceKind  # the one SOURCE resolver's kinds (models/loaders/source_kind.py)
     weights_dtype: str
     kv_dtype: str
     context: int
@@ -49,20 +41,38 @@ class ModelSource:
 
 
 def resolve_model(model: str) -> ModelSource:
-    path = Path(model)
-    if path.exists():
-        return _from_path(path)
-    from kvc.models.known_models import DEFAULT_DTYPES, KNOWN_MODELS
-    from kvc.models.presets import RANDOM_PRESETS
+    """MODEL, resolved by the SOURCE resolver every command shares; the planner needs a config only."""
+    found = resolve_source(model, PLANNABLE)
+    if found is None:
+        from kvc.models.known_models import KNOWN_MODELS
+        from kvc.models.presets import RANDOM_PRESETS
 
-    key = model.lower()
-    if key in KNOWN_MODELS:
-        config, dtype = KNOWN_MODELS[key], DEFAULT_DTYPES[key]
-        return ModelSource(config, SourceKind.KNOWN, dtype, dtype, config.max_position_embeddings)
-    if model in RANDOM_PRESETS:
+        raise _unknown_model(model, list(KNOWN_MODELS) + list(RANDOM_PRESETS))
+    if found.kind is SourceKind.ARTIFACT:
+        return _from_artifact(found.path)
+    if found.kind is SourceKind.PRESET:
+        from kvc.models.presets import RANDOM_PRESETS
+
         config = RANDOM_PRESETS[model]
         return ModelSource(config, SourceKind.PRESET, FP32, FP32, config.max_position_embeddings)
-    raise _unknown_model(model, list(KNOWN_MODELS) + list(RANDOM_PRESETS))
+    if found.kind is SourceKind.KNOWN:
+        from kvc.models.known_models import DEFAULT_DTYPES, KNOWN_MODELS
+
+        key = model.lower()
+        config, dtype = KNOWN_MODELS[key], DEFAULT_DTYPES[key]
+        return ModelSource(config, SourceKind.KNOWN, dtype, dtype, config.max_position_embeddings)
+    return _from_hf(found.path, model)
+
+
+def _from_hf(path: Optional[Path], model: str) -> ModelSource:
+    if path is None:  # a hub id: planning reads configs, it never downloads
+        raise KvcError(f"{model} is not a local path; the planner does not download: pass its config.json "
+                       "(or a directory holding one), a known id (`kvc plan --list`) or a kvc artifact")
+    config_file = path if path.is_file() else path / HF_CONFIG_FILE
+    if not config_file.is_file():
+        raise KvcError(f"{path} holds neither {MANIFEST_FILE} (a kvc artifact) nor {HF_CONFIG_FILE} (a Hugging "
+                       "Face checkpoint); point MODEL at one of those")
+    return _from_hf_config(config_file)
 
 
 def _unknown_model(model: str, ids: list[str]) -> KvcError:
@@ -72,19 +82,6 @@ def _unknown_model(model: str, ids: list[str]) -> KvcError:
     hint = f"did you mean {', '.join(close)}? " if close else ""
     return KvcError(f"unknown model {model!r}; {hint}list the known ids with `kvc plan --list`, "
                     "or pass a config.json or an artifact directory")
-
-
-def _from_path(path: Path) -> ModelSource:
-    if path.is_dir():
-        if (path / MANIFEST).is_file():
-            return _from_artifact(path)
-        if (path / HF_CONFIG).is_file():
-            return _from_hf_config(path / HF_CONFIG)
-        raise KvcError(f"{path} holds neither {MANIFEST} (a kvc artifact) nor {HF_CONFIG} (a Hugging Face "
-                       "checkpoint); point MODEL at one of those")
-    if path.name == MANIFEST:
-        return _from_artifact(path.parent)
-    return _from_hf_config(path)
 
 
 def _read_json(path: Path, what: str, error: type[KvcError]) -> dict:
@@ -100,19 +97,19 @@ def _from_hf_config(path: Path) -> ModelSource:
     config = config_from_hf_dict(raw, name=str(raw.get("_name_or_path") or path.parent.name))
     # transformers 4 writes "torch_dtype", 5 writes "dtype"; configs naming neither load as float32.
     dtype = _HF_DTYPES.get(str(raw.get("dtype") or raw.get("torch_dtype") or "float32"), FP32)
-    return ModelSource(config, SourceKind.HF_CONFIG, dtype, dtype, config.max_position_embeddings)
+    return ModelSource(config, SourceKind.HF, dtype, dtype, config.max_position_embeddings)
 
 
 def _from_artifact(root: Path) -> ModelSource:
     from kvc.models.config import ModelConfig
 
-    raw = _read_json(root / MANIFEST, "artifact manifest", ArtifactError)
+    raw = _read_json(root / MANIFEST_FILE, "artifact manifest", ArtifactError)
     try:
         config = ModelConfig.from_dict(raw["model"])
         cache = raw["cache"]
         kv_dtype, capacity = str(cache["dtype"]), int(cache["capacity"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"{root / MANIFEST} lacks a usable model config or cache entry ({exc}); "
+        raise ArtifactError(f"{root / MANIFEST_FILE} lacks a usable model config or cache entry ({exc}); "
                             "recompile the model with kvc compile") from None
     # kvc exports fp32 weights, and the manifest does not record a weights dtype.
     return ModelSource(config, SourceKind.ARTIFACT, FP32, kv_dtype, capacity, _artifact_scales(root, cache))
@@ -124,7 +121,7 @@ def _artifact_scales(root: Path, cache: dict) -> Optional[str]:
     try:
         kind = ScaleKind(text)
     except ValueError:
-        raise ArtifactError(f"{root / MANIFEST} names unknown KV scales {cache.get('scales')!r}; "
+        raise ArtifactError(f"{root / MANIFEST_FILE} names unknown KV scales {cache.get('scales')!r}; "
                             "recompile the model with kvc compile") from None
     return None if kind is ScaleKind.NONE else kind.value
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from kvc.errors import CheckpointError
 from kvc.models.config import ModelConfig
+
+if TYPE_CHECKING:  # torch waits for a load: the SOURCE resolver below this package must stay light
+    import torch
 
 __all__ = ["LoadedCheckpoint", "fill_model"]
 
@@ -33,6 +35,8 @@ def fill_model(config: ModelConfig, tensor_for: TensorSource, available: Iterabl
     ``available`` lists the own names the checkpoint provides: a name the model has no place for means an
     architecture the config does not describe (e.g. a bias it lacks), which is refused rather than dropped.
     """
+    import torch
+
     from kvc.models import build_model
 
     model = build_model(config)

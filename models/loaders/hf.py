@@ -17,6 +17,7 @@ from kvc.errors import CheckpointError
 from kvc.models.config import Family, ModelConfig, RopeScaling, RopeScalingKind
 from kvc.models.loaders import LoadedCheckpoint, fill_model
 from kvc.models.loaders.hf_families import FAMILY_MAPPERS, fused_parts
+from kvc.models.loaders.source_kind import HUB_ID
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "config_from_hf_dict", "load_hf_checkpoint", "resolve_hf_directory",
            "read_json_file"]
@@ -27,7 +28,6 @@ WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
 # Files a hub download fetches: configs, tokenizer, safetensors weights; never pickles or code.
 HUB_PATTERNS = ["*.json", "model*.safetensors", "chat_template.jinja"]  # not consolidated.safetensors duplicates
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, "gpt2", *FAMILY_MAPPERS)

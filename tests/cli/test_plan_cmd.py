@@ -88,7 +88,7 @@ def test_a_hugging_face_config_json_plans_like_the_known_model(tmp_path, as_dire
     path.write_text(json.dumps(LLAMA2_7B_HF))
     d = plan_json(str(tmp_path if as_directory else path), "--context", "2048")
     known = plan_json("llama-2-7b", "--context", "2048")
-    assert d["source"] == "hf-config" and d["weights_dtype"] == "fp16"
+    assert d["source"] == "hf" and d["weights_dtype"] == "fp16"
     for key in ("parameters", "weights_bytes", "kv_bytes_per_token", "kv_bytes"):
         assert d[key] == known[key]
 
