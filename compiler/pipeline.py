@@ -10,11 +10,11 @@ import onnx_ir as ir
 from kvc.compiler.artifact_writer import copy_side_files, write_manifest
 from kvc.compiler.model_description import ModelDescription, describe_model
 from kvc.compiler.options import CompileOptions
-from kvc.contract import CacheLayoutKind, EngineKind
+from kvc.contract import CacheLayoutKind, EngineKind, Entry
 from kvc.errors import KvcError
 from kvc.fsutil import atomic_dir
 from kvc.passes.base import PassReport
-from kvc.passes.pipeline import PipelineOptions, default_passes, lowering_passes, run_passes
+from kvc.passes.pipeline import PipelineOptions, default_passes, lower_entries, lowering_passes, run_passes
 from kvc.runtime.artifact import CacheSpec, Manifest
 
 
@@ -35,11 +35,13 @@ def compile_model(onnx_path: Path, output: Path, options: CompileOptions, overwr
     description = describe_model(model, onnx_path.parent, options)
     passes = default_passes(pipeline_options(description)) + lowering_passes(options.engine)
     reports = run_passes(model, passes, options.dump_passes, _verifier(options))
+    entry_graphs, entry_reports = lower_entries(model, options.engine, options.dump_passes, len(passes) + 1)
+    reports += entry_reports
     for r in reports:
         progress(_format_report(r))
     cache = _cache_spec(model)
     with atomic_dir(output, overwrite=overwrite) as staging:
-        entry_points, engine_options = _build(model, staging, options, len(passes) + 1, progress)
+        entry_points, engine_options = _build(entry_graphs, staging, options, len(reports) + 1, progress)
         copy_side_files(onnx_path.parent, staging)
         manifest = write_manifest(staging, engine=options.engine.value, target=options.device.value,
                                   model=description.config.to_dict(), cache=cache, entry_points=entry_points,
@@ -62,17 +64,19 @@ def _verifier(options: CompileOptions):
     return max_abs_diff
 
 
-def _build(model: ir.Model, staging: Path, options: CompileOptions, first_dump_index: int, progress):
-    """The engine's build of the lowered graph; Relax dumps continue the pass dumps' numbering."""
+def _build(entry_graphs: dict[Entry, ir.Model], staging: Path, options: CompileOptions, first_dump_index: int,
+           progress):
+    """The engine's build of the lowered graphs (one per entry point); Relax dumps continue the pass
+    dumps' numbering."""
     if options.engine is EngineKind.ORT:
         from kvc.compiler.ort_build import build_ort
 
-        return build_ort(model, staging)
+        return build_ort(entry_graphs[Entry.PREFILL], staging)  # one graph serves every entry
     from kvc.compiler.tvm.engine_build import build_tvm
     from kvc.compiler.tvm.relax_dump import RelaxDump
 
     dump = RelaxDump(options.dump_passes, first_dump_index) if options.dump_passes is not None else None
-    return build_tvm(model, staging, options, progress, dump)
+    return build_tvm(entry_graphs, staging, options, progress, dump)
 
 
 def _format_report(r: PassReport) -> str:

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import onnx_ir as ir
 
-from kvc.contract import EngineKind, KvDtype
+from kvc.contract import EngineKind, Entry, KvDtype
 from kvc.passes.base import KvcPass, PassReport
 from kvc.passes.kv_layout import Fp8Scales
 
@@ -55,17 +55,47 @@ def lowering_passes(engine: EngineKind | str) -> list[KvcPass]:
     return [LowerTvmStaticReshapesPass()]
 
 
+def entry_lowering_passes(engine: EngineKind | str) -> dict[Entry, list[KvcPass]]:
+    """Per entry point: passes that specialize a copy of the lowered graph for that entry (TVM imports
+    the graph once per entry; the ORT engine runs one graph for all)."""
+    if EngineKind(engine) is EngineKind.ORT:
+        return {}
+    from kvc.passes.lower_tvm_decode_entry import DECODE_BATCH, LowerTvmDecodeEntryPass
+
+    return {entry: [LowerTvmDecodeEntryPass(entry)] for entry in DECODE_BATCH}
+
+
+def lower_entries(model: ir.Model, engine: EngineKind | str, dump_dir: Path | None = None,
+                  first_index: int = 1) -> tuple[dict[Entry, ir.Model], list[PassReport]]:
+    """The graph each entry point builds (``model`` itself where no entry pass applies; a specialized
+    copy otherwise, ``model`` unchanged) and the entry passes' reports; dumps are numbered from
+    ``first_index`` (one after the graph-wide passes' dumps)."""
+    graphs: dict[Entry, ir.Model] = {}
+    reports: list[PassReport] = []
+    per_entry = entry_lowering_passes(engine)
+    for entry in Entry:
+        passes = per_entry.get(entry, [])
+        if not passes:
+            graphs[entry] = model
+            continue
+        graphs[entry] = _clone(model)
+        reports += run_passes(graphs[entry], passes, dump_dir, first_index=first_index + len(reports))
+    return graphs, reports
+
+
 Verifier = Callable[[ir.Model, ir.Model], float]
 
 
 def run_passes(model: ir.Model, passes: list[KvcPass], dump_dir: Path | None = None,
-               verifier: Verifier | None = None) -> list[PassReport]:
-    """Apply ``passes`` in order (in place); return one report per pass."""
+               verifier: Verifier | None = None, first_index: int = 1) -> list[PassReport]:
+    """Apply ``passes`` in order (in place); return one report per pass. Dumps are numbered from
+    ``first_index``; the input is dumped too (as 00) when the numbering starts at 1."""
     reports = []
     if dump_dir is not None:
         dump_dir.mkdir(parents=True, exist_ok=True)
-        _dump(model, dump_dir / "00_input.onnx")
-    for index, p in enumerate(passes, start=1):
+        if first_index == 1:
+            _dump(model, dump_dir / "00_input.onnx")
+    for index, p in enumerate(passes, start=first_index):
         before = _clone(model) if verifier is not None and not p.changes_io else None
         p(model)
         report = p.report

@@ -8,10 +8,10 @@ Entry functions (all tensors on the device; caches updated in place and returned
 decode_b1 has only static shapes: fewer shape computations per step, and the kernels MetaSchedule
 can tune (--tune-trials).
 
-The graph arrives fully lowered for TVM (kvc.passes.pipeline.lowering_passes(EngineKind.TVM)); this
-module only imports it (kvc.compiler.tvm.onnx_import.from_onnx, once per entry) and builds. With
---dump-passes, the Relax module is written as text after import and after each phase of the build
-(kvc.compiler.tvm.relax_dump).
+The graphs arrive fully lowered for TVM, one per entry (kvc.passes.pipeline: lowering_passes, then
+lower_entries specializes decode's copies); this module only imports them
+(kvc.compiler.tvm.onnx_import.from_onnx, once per entry) and builds. With --dump-passes, the Relax
+module is written as text after import and after each phase of the build (kvc.compiler.tvm.relax_dump).
 """
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ from kvc.compiler.ort_build import in_place_aliases
 from kvc.compiler.tvm.decode_fusion import fuse_decode, rename_global_vars
 from kvc.compiler.tvm.relax_dump import RelaxDump
 from kvc.compiler.tvm.tuning import TUNING_DIR
-from kvc.contract import ENTRY_NAMES, INPUT_IDS, POSITION_IDS, Entry, is_past
+from kvc.contract import ENTRY_NAMES, EngineKind, Entry, is_past
 from kvc.errors import KvcError
+from kvc.passes.pipeline import lower_entries
 from kvc.runtime.artifact import EntryPoint
 
 LIB_DIR = "lib"
@@ -67,28 +68,24 @@ def _llvm_cpu_names() -> set[str]:
     return set(codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm"})))
 
 
-DECODE_SHAPES = (INPUT_IDS, POSITION_IDS)  # [batch, seq] inputs fixed to seq = 1 in decode
-
-
-def import_entry_points(model: ir.Model, target_kind: str = "llvm", dump: RelaxDump | None = None
+def import_entry_points(graphs: ir.Model | dict[Entry, ir.Model], target_kind: str = "llvm"
                         ) -> tuple[tvm.IRModule, dict[str, list[str]], dict[str, np.ndarray]]:
     """Relax module with `prefill` (symbolic seq), `decode` (seq = 1, so GEMV schedules apply) and
     `decode_b1` (seq = 1 and batch = 1: static shapes, the common single-request step); each
     entry's weight parameter names (the entries share one weight set) and all weight values.
-    ``model`` is read, not changed (decode imports a specialized copy)."""
+    ``graphs``: each entry's graph as kvc.passes.pipeline.lower_entries makes them, or the lowered
+    graph, whose entry graphs are then made here (read, not changed)."""
+    if isinstance(graphs, ir.Model):
+        graphs, _ = lower_entries(graphs, EngineKind.TVM)
     prefill = Entry.PREFILL.value
-    prefill_mod = _import(ir.to_proto(model), target_kind)
+    prefill_mod = _import(ir.to_proto(graphs[Entry.PREFILL]), target_kind)
     weights: dict[str, np.ndarray] = {}
     entry_params = {prefill: _take_weights(prefill_mod["main"], weights)}
     bb = relax.BlockBuilder(tvm.IRModule({gv: f for gv, f in prefill_mod.functions.items()
                                           if gv.name_hint != "main"}))
     bb.add_func(prefill_mod["main"].without_attr("params").with_attr("global_symbol", prefill), prefill)
     for entry in DECODE_ENTRIES:
-        batch = 1 if entry is Entry.DECODE_B1 else None
-        specialized = _specialize_decode(model, batch)
-        if dump is not None:
-            dump.write_graph(entry.value, specialized)
-        mod = _import(ir.to_proto(specialized), target_kind)
+        mod = _import(ir.to_proto(graphs[entry]), target_kind)
         entry_params[entry.value] = _take_weights(mod["main"], weights)
         # the entry's kernels join the module (identical ones are shared); its calls are re-pointed
         renamed = {gv: bb.add_func(func, f"{entry.value}_{gv.name_hint}")
@@ -109,25 +106,6 @@ def _take_weights(func: relax.Function, weights: dict[str, np.ndarray]) -> list[
             raise KvcError(f"TVM import: weight {var.name} differs between prefill and decode")
         weights[var.name] = array
     return [v.name for v in weight_vars]
-
-
-def _specialize_decode(model: ir.Model, batch: int | None) -> ir.Model:
-    """A copy of the graph for one new token per call (and ``batch`` rows if given), with the
-    shape arithmetic this makes constant folded away (e.g. the ring mask's Range(0, seq))."""
-    import onnxscript.optimizer
-
-    decode = ir.from_proto(ir.to_proto(model))
-    for value in decode.graph.inputs:
-        if value.shape is None:
-            continue
-        dims = list(value.shape)
-        if value.name in DECODE_SHAPES:
-            dims[1] = 1
-        if batch is not None and dims:
-            dims[0] = batch
-        value.shape = ir.Shape(dims)
-    onnxscript.optimizer.optimize(decode, num_iterations=2)
-    return decode
 
 
 def _import(proto, target_kind: str) -> tvm.IRModule:
@@ -195,9 +173,11 @@ def _fuse_decode_pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return mod
 
 
-def build_tvm(model: ir.Model, staging: Path, options: CompileOptions, progress=print,
+def build_tvm(entry_graphs: dict[Entry, ir.Model], staging: Path, options: CompileOptions, progress=print,
               dump: RelaxDump | None = None) -> tuple[list[EntryPoint], dict]:
-    """Build the lowered ``model`` (read, not changed) into ``staging``; entry points and engine options."""
+    """Build each entry's lowered graph (read, not changed; kvc.passes.pipeline.lower_entries) into
+    ``staging``; entry points and engine options. The entries share the prefill graph's I/O."""
+    model = entry_graphs[Entry.PREFILL]
     from safetensors.numpy import save_file
 
     aliases = in_place_aliases(model)
@@ -205,7 +185,7 @@ def build_tvm(model: ir.Model, staging: Path, options: CompileOptions, progress=
     # The code generator, not a GPU, is what a CUDA build needs (nvcc compiles without a device).
     if options.device is Device.CUDA and tvm.get_global_func("target.build.cuda", allow_missing=True) is None:
         raise KvcError("this TVM build has no CUDA code generator; use --target cpu or a CUDA-enabled TVM")
-    mod, entry_params, weights = import_entry_points(model, target.kind.name, dump)
+    mod, entry_params, weights = import_entry_points(entry_graphs, target.kind.name)
     if dump is not None:
         dump.write("import", mod)
     database = _tune(mod, target, staging, options, progress)

@@ -1,13 +1,12 @@
-"""--dump-passes for the TVM build, numbered after the ONNX pass dumps in the same directory: the
-graphs each decode entry imports (the lowered graph specialized to one new token: NN_tvm_<entry>_graph.onnx),
-then the Relax module as TVMScript text after import and after each phase of the Relax pipeline
-(NN_relax_import.txt, NN_relax_legalize_and_fuse.txt, ...)."""
+"""--dump-passes for the TVM build, numbered after the ONNX pass dumps in the same directory (those
+end with the graphs each decode entry imports, NN_lower_tvm_<entry>_entry.onnx): the Relax module as
+TVMScript text after import and after each phase of the Relax pipeline (NN_relax_import.txt,
+NN_relax_legalize_and_fuse.txt, ...)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnx_ir as ir
 import tvm
 
 PREFIX = "relax_"
@@ -23,15 +22,6 @@ class RelaxDump:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"{self.next_index:02d}_{PREFIX}{phase}.txt"
         path.write_text(mod.script(show_meta=False))
-        self.next_index += 1
-        self.written.append(path)
-        return path
-
-    def write_graph(self, entry: str, model: ir.Model) -> Path:
-        """The ONNX graph an entry imports, when it differs from the lowered graph (decode's)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"{self.next_index:02d}_tvm_{entry}_graph.onnx"
-        ir.save(model, path)
         self.next_index += 1
         self.written.append(path)
         return path

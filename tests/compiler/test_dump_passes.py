@@ -47,9 +47,16 @@ def test_tvm_dump_continues_with_lowering_and_the_relax_phases(exported, tmp_pat
     result, files, lowering = compile_with_dump(exported, tmp_path, "tvm", "fp32")
     steps = numbered(files)
     assert [i for i, _ in steps] == list(range(len(steps)))
-    decode_graphs = ["tvm_decode_graph", "tvm_decode_b1_graph"]  # what the decode entries import
+    decode_graphs = ["lower_tvm_decode_entry", "lower_tvm_decode_b1_entry"]  # what the decode entries import
     relax = ["relax_import", "relax_legalize_and_fuse", "relax_schedule", "relax_lower_to_vm"]
     assert [name for _, name in steps] == ["input", *NEUTRAL, *lowering, *decode_graphs, *relax]
-    assert [p["name"] for p in result.manifest.passes] == [*NEUTRAL, *lowering]
+    assert [p["name"] for p in result.manifest.passes] == [*NEUTRAL, *lowering, *decode_graphs]
+    b1 = next(p for p in result.manifest.passes if p["name"] == "lower_tvm_decode_b1_entry")
+    assert b1["matched"] > 0  # input_ids, position_ids, the caches... fixed to one row
+    import onnx
+
+    b1_graph = onnx.load(tmp_path / "dump" / files[-5])
+    dims = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in b1_graph.graph.input}
+    assert dims["input_ids"] == [1, 1] and dims["position_ids"] == [1, 1]
     imported = (tmp_path / "dump" / files[-4]).read_text()
     assert "def prefill" in imported and "def decode_b1" in imported
