@@ -99,6 +99,12 @@ def run(artifact: Path, prompt: str | None, prompt_ids: str | None, max_new_toke
         result = model.generate(request, params, overflow)
         click.echo(json.dumps(result.to_dict()))
         return
+    if model.tokenizer is None:  # nothing to detokenize with: the ids are the output
+        result = model.generate(request, params, overflow)
+        click.echo(",".join(str(t) for t in result.token_ids))
+        if stats:
+            _print_stats(result)
+        return
     with _Spinner(enabled=sys.stderr.isatty()) as spinner:
         for event in model.stream(request, params, overflow):
             spinner.stop()

@@ -51,6 +51,16 @@ def test_run_prompt_ids_json_matches_torch(tiny_artifact):
     assert out["token_ids"] == torch_greedy(random_model(RANDOM_PRESETS["tiny"]), [1, 5, 9], 12)
 
 
+def test_run_without_a_tokenizer_prints_the_generated_ids(tiny_artifact):
+    from kvc.models import random_model
+    from kvc.models.presets import RANDOM_PRESETS
+
+    result = invoke("run", tiny_artifact, "--prompt-ids", "1,5,9", "-n", "6", "--ignore-eos")
+    assert result.exit_code == 0, result.output
+    want = torch_greedy(random_model(RANDOM_PRESETS["tiny"]), [1, 5, 9], 6)
+    assert result.stdout.strip() == ",".join(map(str, want))
+
+
 def test_run_stats_and_bad_sampling_values(tiny_artifact):
     ok = invoke("run", tiny_artifact, "--prompt-ids", "1,2", "-n", "4", "--stats")
     assert ok.exit_code == 0 and "decode" in ok.output and "time to first token" in ok.output
