@@ -187,3 +187,10 @@ class Entry(str, enum.Enum):
 
 
 ENTRY_NAMES = tuple(e.value for e in Entry)
+
+
+# --- engine-private ops: written by an engine's lowering passes, read only by that engine's build ---
+
+KVC_DOMAIN = "ai.kvc"
+KVC_DOMAIN_VERSION = 1
+CACHE_ATTENTION_OP = "CacheAttention"  # TVM: Attention over the stored ring (kvc.passes.lower_tvm_cache_attention)

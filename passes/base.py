@@ -54,6 +54,9 @@ class KvcPass(onnx_ir.passes.InPlacePass):
     #: True when the pass changes the graph's inputs/outputs (ring buffer, quantized cache),
     #: so --verify cannot compare it to the previous graph on identical inputs.
     changes_io: bool = False
+    #: False when the pass writes an engine-private op (domain ai.kvc) that ONNX Runtime cannot run,
+    #: so --verify cannot run its output either.
+    ort_runnable: bool = True
     #: Default-domain opset the pass needs; below it the pass is skipped with a note.
     min_opset: int = 0
 

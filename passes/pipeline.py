@@ -50,9 +50,10 @@ def lowering_passes(engine: EngineKind | str) -> list[KvcPass]:
         # fewer nodes per step first (shape inference still sees the static capacity), then live slots
         return [FoldReshapeShapesPass(), LowerOrtPackProjectionsPass(), LowerOrtFp8ScatterPass(),
                 LowerOrtLiveSlotsPass()]
+    from kvc.passes.lower_tvm_cache_attention import LowerTvmCacheAttentionPass
     from kvc.passes.lower_tvm_static_reshapes import LowerTvmStaticReshapesPass
 
-    return [LowerTvmStaticReshapesPass()]
+    return [LowerTvmStaticReshapesPass(), LowerTvmCacheAttentionPass()]
 
 
 def entry_lowering_passes(engine: EngineKind | str) -> dict[Entry, list[KvcPass]]:
@@ -96,7 +97,7 @@ def run_passes(model: ir.Model, passes: list[KvcPass], dump_dir: Path | None = N
         if first_index == 1:
             _dump(model, dump_dir / "00_input.onnx")
     for index, p in enumerate(passes, start=first_index):
-        before = _clone(model) if verifier is not None and not p.changes_io else None
+        before = _clone(model) if verifier is not None and not p.changes_io and p.ort_runnable else None
         p(model)
         report = p.report
         if before is not None:

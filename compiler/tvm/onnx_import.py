@@ -24,9 +24,10 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
-from kvc.compiler.tvm.converters import CONVERTERS
-from kvc.compiler.tvm.converters.common import CONTEXT_KEY, NodeContext, Producer
+from kvc.compiler.tvm.converters import CONVERTERS, KVC_CONVERTERS
+from kvc.compiler.tvm.converters.common import CONTEXT_KEY, NodeContext
 from kvc.compiler.tvm.target import TargetKind
+from kvc.contract import KVC_DOMAIN
 from kvc.errors import GraphError
 
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -59,13 +60,11 @@ class ImportOptions:
 class KvcGraphImporter(tvm_onnx.ONNXGraphImporter):
     """TVM's ONNXGraphImporter with an extra converter table that takes precedence."""
 
-    def __init__(self, graph: onnx.GraphProto, converters: Mapping[str, type], shape_dict: dict,
+    def __init__(self, converters: Mapping[str, type], shape_dict: dict,
                  options: ImportOptions):
         super().__init__(shape_dict, dtype_dict="float32", keep_params_in_input=options.keep_params_in_input)
         self._kvc_converters = dict(converters)
         self._kvc_options = options
-        self._producer = {name: node for node in graph.node for name in node.output}
-        self._current_node: onnx.NodeProto | None = None
         self._shared: dict = {}  # NodeContext.shared
 
     def _construct_nodes(self, graph: onnx.GraphProto) -> None:
@@ -74,11 +73,7 @@ class KvcGraphImporter(tvm_onnx.ONNXGraphImporter):
         TVM's ``Shape`` yields a ShapeExpr and its loop refuses one in e.g. Add, Range or Unsqueeze,
         which is exactly what a dynamic-length attention graph does (past_len + Shape(K)[2])."""
         for node in graph.node:
-            self._current_node = node
-            try:
-                super()._construct_nodes(SimpleNamespace(node=[self._with_tensor_shapes(node)]))
-            finally:
-                self._current_node = None
+            super()._construct_nodes(SimpleNamespace(node=[self._with_tensor_shapes(node)]))
 
     def _with_tensor_shapes(self, node: onnx.NodeProto) -> onnx.NodeProto:
         if node.op_type in SHAPE_AWARE_OPS:
@@ -112,23 +107,10 @@ class KvcGraphImporter(tvm_onnx.ONNXGraphImporter):
         return self.bb.normalize(result) if isinstance(result, relax.Expr) else result
 
     def _context(self, op_name: str) -> NodeContext:
-        """The producers of the current node's inputs (none for nodes inside If branches, which TVM
-        converts without passing through _construct_nodes one by one)."""
-        node = self._current_node
-        producers = ()
-        if node is not None and node.op_type == op_name:
-            producers = tuple(self._producer_of(name) for name in node.input)
         options = self._kvc_options
-        return NodeContext(producers=producers, attention_kernels=options.uses_attention_kernels,
+        return NodeContext(attention_kernels=options.uses_attention_kernels,
                            kernel_chunk_size=options.kernel_chunk_size, prefill_query_tile=options.prefill_query_tile,
                            shared=self._shared)
-
-    def _producer_of(self, name: str) -> Producer | None:
-        node = self._producer.get(name)
-        if node is None or node.domain not in STANDARD_DOMAINS:
-            return None
-        inputs = [self._nodes.get(i) if i else None for i in node.input]
-        return Producer(node.op_type, self._parse_attr(node.attribute), inputs)
 
 
 def from_onnx(model: onnx.ModelProto, shape_dict: ShapeDict | None = None,
@@ -138,21 +120,27 @@ def from_onnx(model: onnx.ModelProto, shape_dict: ShapeDict | None = None,
     shape_dict maps input names to dims (ints, names of symbolic dims, or tir.Vars); inputs not named
     there keep their ONNX shape, with dim_param names as symbolic dims. Pinning the new-token dim to 1
     (e.g. {"input_ids": ["batch", 1], "position_ids": ["batch", 1]}) gives the decode entry point.
-    Ring-buffer Attention nodes use kvc's prefill / decode kernels, which are CPU kernels: pass
-    options with the target kind when building for CUDA. ``options.keep_params_in_input`` makes
+    ai.kvc CacheAttention nodes (kvc's TVM lowering) use kvc's prefill / decode kernels, which are
+    CPU kernels: pass options with the target kind when building for CUDA. ``options.keep_params_in_input`` makes
     initializers trailing function parameters (values in the function's "params" attribute) instead
     of folded constants; ``options.in_place_cache_writes`` writes ring caches in place.
     """
     if model.ir_version < 3:
         raise GraphError(f"ONNX IR version {model.ir_version} is too old; re-export with a current exporter")
     graph = model.graph
-    importer = KvcGraphImporter(graph, _converters(graph, options), _input_shapes(graph, shape_dict or {}), options)
+    importer = KvcGraphImporter(_converters(graph, options), _input_shapes(graph, shape_dict or {}), options)
     mod = importer.from_onnx(graph, _default_opset(model))
     return relax.transform.DeadCodeElimination()(mod)  # e.g. cache dequantizations the kernels made unused
 
 
 def _converters(graph: onnx.GraphProto, options: ImportOptions) -> dict[str, type]:
     converters = _standard_domain_converters(graph)
+    for node in graph.node:
+        if node.domain == KVC_DOMAIN:
+            if node.op_type not in KVC_CONVERTERS:
+                raise GraphError(f"{node.name}: {KVC_DOMAIN} has no op {node.op_type!r} (this graph comes from "
+                                 "another kvc version; recompile it from its ONNX export)")
+            converters[node.op_type] = KVC_CONVERTERS[node.op_type]
     if options.in_place_cache_writes:
         from kvc.compiler.tvm.inplace import InPlaceTensorScatter
 

@@ -144,6 +144,18 @@ def ort_lowered(model: onnx.ModelProto) -> onnx.ModelProto:
     return ir.to_proto(lowered)
 
 
+def tvm_lowered(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph after the TVM engine's lowering (ring Attention -> ai.kvc CacheAttention on the stored cache)."""
+    import onnx_ir as ir
+
+    from kvc.contract import EngineKind
+    from kvc.passes.pipeline import lowering_passes, run_passes
+
+    lowered = ir.from_proto(model)
+    run_passes(lowered, lowering_passes(EngineKind.TVM))
+    return ir.to_proto(lowered)
+
+
 def _kernel_names(mod) -> set[str]:
     return {gv.name_hint for gv in mod.get_global_vars()
             if gv.name_hint.startswith(("decode_attention", "prefill_attention"))}
@@ -155,12 +167,18 @@ def test_kvc_ring_graph_matches_onnxruntime(kv_dtype, kvc_ring_graph, llvm_fast,
     the decode entry point (kvc's decode kernel); both kernels read the int8 / fp8 / fp16 cache directly.
     Both engines get the same caches each step (ONNX Runtime's), so a difference cannot compound."""
     from kvc.compiler.tvm.onnx_import import from_onnx
-    from kvc.compiler.tvm.target import build
 
     model = kvc_ring_graph(kv_dtype)
-    general, decode = from_onnx(model), from_onnx(model, shape_dict=DECODE_SHAPES)
+    lowered = tvm_lowered(model)
+    general, decode = from_onnx(lowered), from_onnx(lowered, shape_dict=DECODE_SHAPES)
     assert _kernel_names(general) == {"prefill_attention"}
     assert _kernel_names(decode) == {"decode_attention_partial", "decode_attention_merge"}
+    _assert_matches_onnxruntime(model, general, decode, llvm_fast, rng)
+
+
+def _assert_matches_onnxruntime(model, general, decode, llvm_fast, rng, steps=STEPS):
+    from kvc.compiler.tvm.target import build
+
     vms = {"general": load_vm(build(general, llvm_fast)), "decode": load_vm(build(decode, llvm_fast))}
     ort_runner = OrtRunner(ort_lowered(model))  # ONNX Runtime runs the graph as the ORT engine lowers it
     names = [i.name for i in model.graph.input]
@@ -170,7 +188,7 @@ def test_kvc_ring_graph_matches_onnxruntime(kv_dtype, kvc_ring_graph, llvm_fast,
                                helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
               for i in model.graph.input if i.name.startswith("past_key_values.")}
     past_len = np.zeros(batch, np.int64)
-    for seq in STEPS:
+    for seq in steps:
         ids = rng.integers(0, 256, (batch, seq)).astype(np.int64)
         feeds = {"input_ids": ids, "position_ids": past_len[:, None] + np.arange(seq), "past_len": past_len, **caches}
         vm = vms["decode" if seq == 1 else "general"]
@@ -184,12 +202,16 @@ def test_kvc_ring_graph_matches_onnxruntime(kv_dtype, kvc_ring_graph, llvm_fast,
         past_len = past_len + seq
 
 
-def test_attention_kernels_can_be_switched_off(kvc_ring_graph):
+def test_attention_kernels_can_be_switched_off(kvc_ring_graph, llvm_fast, rng):
+    """Without kernels (as on CUDA) CacheAttention decodes the stored cache and attends generically:
+    the same results, ring wrap included."""
     from kvc.compiler.tvm.onnx_import import ImportOptions, from_onnx
 
-    for shapes in (None, DECODE_SHAPES):
-        mod = from_onnx(kvc_ring_graph("int8"), shape_dict=shapes, options=ImportOptions(attention_kernels=False))
-        assert not _kernel_names(mod)
+    model = kvc_ring_graph("int8")
+    off = ImportOptions(attention_kernels=False)
+    general, decode = (from_onnx(tvm_lowered(model), shape_dict=shapes, options=off) for shapes in (None, DECODE_SHAPES))
+    assert not _kernel_names(general) and not _kernel_names(decode)
+    _assert_matches_onnxruntime(model, general, decode, llvm_fast, rng, steps=(6, 1, 12, 1))
 
 
 def _present_name(past: str, outputs: list[str]) -> str:
@@ -285,7 +307,7 @@ def test_cuda_build(graph, cuda_spec, kvc_ring_graph, tmp_path):
         mod = from_onnx(load_node_cases()["test_attention_4d_gqa_causal_nonpad_decode"].model, options=for_cuda)
     else:
         shapes = DECODE_SHAPES if graph.endswith("decode") else None
-        mod = from_onnx(kvc_ring_graph("int8"), shape_dict=shapes, options=for_cuda)
+        mod = from_onnx(tvm_lowered(kvc_ring_graph("int8")), shape_dict=shapes, options=for_cuda)
     executable = build(mod, cuda_spec)
     devices = [m for host in executable.mod.imports for m in [host, *host.imports] if m.kind == "cuda"]
     assert len(devices) == 1
@@ -301,4 +323,4 @@ def test_cpu_kernels_are_refused_for_cuda(cuda_spec, kvc_ring_graph):
     from kvc.errors import KvcError
 
     with pytest.raises(KvcError, match="CPU-only kernels"):
-        build(from_onnx(kvc_ring_graph("fp32"), shape_dict=DECODE_SHAPES), cuda_spec)
+        build(from_onnx(tvm_lowered(kvc_ring_graph("fp32")), shape_dict=DECODE_SHAPES), cuda_spec)

@@ -1,13 +1,16 @@
-"""kvc's ONNX -> Relax converters for the ops TVM's importer lacks or gets wrong (standard domain only)."""
+"""kvc's ONNX -> Relax converters: the standard ops TVM's importer lacks or gets wrong, and the
+engine-private ai.kvc ops kvc's TVM lowering passes write (kvc.contract)."""
 from __future__ import annotations
 
 from kvc.compiler.tvm.converters.attention import Attention
+from kvc.compiler.tvm.converters.cache_attention import CacheAttention
 from kvc.compiler.tvm.converters.cast import Cast
 from kvc.compiler.tvm.converters.quantize import DequantizeLinear, QuantizeLinear
 from kvc.compiler.tvm.converters.range import Range
 from kvc.compiler.tvm.converters.rms_normalization import RMSNormalization
 from kvc.compiler.tvm.converters.rotary_embedding import RotaryEmbedding
 from kvc.compiler.tvm.converters.tensor_scatter import TensorScatter
+from kvc.contract import CACHE_ATTENTION_OP
 
 CONVERTERS = {
     "Attention": Attention,
@@ -19,5 +22,6 @@ CONVERTERS = {
     "Cast": Cast,
     "Range": Range,
 }
+KVC_CONVERTERS = {CACHE_ATTENTION_OP: CacheAttention}  # domain ai.kvc
 
-__all__ = ["CONVERTERS"]
+__all__ = ["CONVERTERS", "KVC_CONVERTERS"]

@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from tvm import relax
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-from kvc.compiler.tvm.converters.attention_kernels import try_attention_kernel
 from kvc.compiler.tvm.converters.common import (
-    CONTEXT_KEY,
     NEG_INF,
     dtype_of,
     onnx_dtype_name,
@@ -81,11 +79,6 @@ class Attention(OnnxOpConverter):
     @classmethod
     def _impl_v23(cls, bb, inputs, attr, params):
         attrs = AttentionAttrs.parse(attr)
-        context = attr.get(CONTEXT_KEY)
-        if context is not None and context.attention_kernels:
-            y = try_attention_kernel(bb, inputs, attr, context)
-            if y is not None:
-                return y
         q, k, v = inputs[0], inputs[1], inputs[2]
         rank = len(shape_of(q, OP))
         if rank == 3:

@@ -1,15 +1,13 @@
-"""kvc's ring-buffer Attention -> kvc's TIR kernels (kvc.compiler.tvm.kernels), llvm only.
+"""ai.kvc CacheAttention -> kvc's TIR kernels (kvc.compiler.tvm.kernels), llvm only.
 
-Applies to attention over an external cache, the form kvc's KV ring-buffer pass writes:
-  Attention(Q [B, H, S, D], K, V [B, K, C, D], attn_mask [B|1, 1, S|1, C] or none, nonpad_kv_seqlen [B])
-with no past inputs, softcap, window or extra outputs. S = 1 known at import (the decode entry point)
-takes the flash-decoding kernel (is_causal is a no-op there: the single query is the newest
-position); any other S the prefill kernel (is_causal bottom-right, as ONNX defines it with
-nonpad_kv_seqlen). K and V may each be read through the cache's decoder, which the kernels then do
-themselves, slot by slot, instead of dequantizing the whole cache first:
-  DequantizeLinear(int8 / float8e4m3fn cache, scale)  scale [B, K, C, 1] blocked per token or [K] per head
-  Cast(float16 cache -> float32)
-Anything else returns None and the generic lowering (attention.py) is used.
+CacheAttention is the ring-buffer Attention with the caches as stored (kvc.passes.lower_tvm_cache_attention
+wrote it): Q [B, H, S, D]; K, V [B, K, C, D] in float32 / float16 / int8 / float8e4m3fn, decoded by
+the kernels themselves, slot by slot (scales [B, K, C, 1] per token or [K] per head); attn_mask
+[B|1, 1, S|1, C] or none; nonpad_kv_seqlen [B]. S = 1 known at import (the decode entry point) takes
+the flash-decoding kernel (is_causal is a no-op there: the single query is the newest position); any
+other S the prefill kernel (is_causal bottom-right, as ONNX defines it with nonpad_kv_seqlen). Shapes
+the kernels do not take (symbolic heads, a per-head mask, ...) return None: the converter then
+decodes and attends with the generic lowering.
 """
 from __future__ import annotations
 
@@ -18,13 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 from tvm import relax
 
-from kvc.compiler.tvm.converters.common import NodeContext, Producer, dtype_of, shape_of, simplify_dim
+from kvc.compiler.tvm.converters.common import NodeContext, dtype_of, shape_of, simplify_dim
 from kvc.compiler.tvm.kernels.decode_attention import DecodeAttentionSpec, emit_decode_attention
 from kvc.compiler.tvm.kernels.kv_read import ScaleLayout
 from kvc.compiler.tvm.kernels.prefill_attention import PrefillAttentionSpec, emit_prefill_attention
 
-OP = "Attention"
-QUANTIZED = ("int8", "float8_e4m3fn")
+OP = "CacheAttention"
 
 
 @dataclass(frozen=True)
@@ -36,24 +33,14 @@ class CacheRead:
     layout: ScaleLayout
 
 
-def try_attention_kernel(bb: relax.BlockBuilder, inputs, attr: dict, context: NodeContext):
-    """The kernel's [B, H, S, D] output, or None when the node is not the ring-buffer pattern."""
-    q, k, v, mask, past_key, past_value, nonpad = (inputs[i] for i in range(7))
-    if nonpad is None or past_key is not None or past_value is not None:
-        return None
-    if attr["tvm_custom"]["num_outputs"] != 1 or float(attr.get("softcap", 0.0)) > 0:
-        return None
-    if attr.get("left_window_size", -1) >= 0 or attr.get("right_window_size", -1) >= 0:
-        return None
+def try_attention_kernel(bb: relax.BlockBuilder, q: relax.Expr, k_read: CacheRead, v_read: CacheRead,
+                         mask: relax.Expr | None, nonpad: relax.Expr, attr: dict, context: NodeContext):
+    """The kernel's [B, H, S, D] output, or None when the shapes are not ones the kernels take."""
     if dtype_of(q) not in ("float32", "float16") or len(shape_of(q, OP)) != 4:
         return None
     batch, heads, q_len, head_dim = shape_of(q, OP)
     if not isinstance(heads, int) or not isinstance(head_dim, int):
         return None
-    reads = [_cache_read(x, context.producer(i)) for i, x in ((1, k), (2, v))]
-    if any(r is None for r in reads) or len({(dtype_of(r.stored), r.layout) for r in reads}) != 1:
-        return None
-    k_read, v_read = reads
     k_dims, v_dims = shape_of(k_read.stored, OP), shape_of(v_read.stored, OP)
     _, kv_heads, capacity, k_head_dim = k_dims
     if not all(_same(a, b) for a, b in zip(k_dims, v_dims)) or not isinstance(kv_heads, int) \
@@ -73,35 +60,6 @@ def try_attention_kernel(bb: relax.BlockBuilder, inputs, attr: dict, context: No
                                 query_tile=context.prefill_query_tile)
     return emit_prefill_attention(bb, spec, q, k_read.stored, v_read.stored, nonpad, k_read.scale, v_read.scale,
                                   mask_B1SC)
-
-
-def _cache_read(x: relax.Expr, producer: Producer | None) -> CacheRead | None:
-    if len(shape_of(x, OP)) != 4:
-        return None
-    if producer is not None and producer.op_type == "DequantizeLinear":
-        return _dequantized_read(x, producer)
-    if producer is not None and producer.op_type == "Cast" and dtype_of(producer.inputs[0]) == "float16" \
-            and dtype_of(x) == "float32":
-        return CacheRead(producer.inputs[0], None, ScaleLayout.NONE)
-    if dtype_of(x) in ("float32", "float16"):
-        return CacheRead(x, None, ScaleLayout.NONE)
-    return None
-
-
-def _dequantized_read(x: relax.Expr, producer: Producer) -> CacheRead | None:
-    stored, scale, zero_point = (producer.inputs + [None, None, None])[:3]
-    if zero_point is not None or dtype_of(stored) not in QUANTIZED or dtype_of(x) != "float32":
-        return None
-    if dtype_of(scale) != "float32":
-        return None
-    dims, scale_dims = shape_of(stored, OP), shape_of(scale, OP)
-    axis = producer.attrs.get("axis", 1) % 4
-    block = producer.attrs.get("block_size", 0)
-    if block and axis == 3 and block == dims[3] and len(scale_dims) == 4 and scale_dims[3] == 1:
-        return CacheRead(stored, scale, ScaleLayout.PER_TOKEN)
-    if not block and axis == 1 and len(scale_dims) == 1:
-        return CacheRead(stored, scale, ScaleLayout.PER_HEAD)
-    return None
 
 
 def _kernel_mask(bb, mask: relax.Expr | None, batch, q_len, capacity):

@@ -15,28 +15,15 @@ CONTEXT_KEY = "kvc_context"  # where the importer puts a NodeContext among a nod
 
 
 @dataclass(frozen=True)
-class Producer:
-    """The ONNX node that produced one of a node's inputs, with its own inputs already converted."""
-
-    op_type: str
-    attrs: dict
-    inputs: list  # relax expressions, None for absent optional inputs
-
-
-@dataclass(frozen=True)
 class NodeContext:
     """What kvc's importer tells a converter beyond TVM's (inputs, attributes)."""
 
-    producers: tuple  # per input: Producer, or None for graph inputs, initializers and absent inputs
     attention_kernels: bool  # kvc's TIR attention kernels may be used (llvm builds)
     kernel_chunk_size: int
     prefill_query_tile: int
     # One dict for the whole import: expressions a converter emitted that other nodes may reuse
     # (keyed by the converter; e.g. RotaryEmbedding's per-token cos/sin rows, the same in every layer).
     shared: dict = field(default_factory=dict, compare=False)
-
-    def producer(self, index: int) -> Producer | None:
-        return self.producers[index] if index < len(self.producers) else None
 
 
 def shape_of(expr: relax.Expr, op: str) -> list:
