@@ -10,17 +10,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from kvc.models import empty_past
 from kvc.models.config import ModelConfig
-from kvc.models.loaders.hf import config_from_hf_dict, load_hf_checkpoint
+from kvc.models.loaders.hf import config_from_hf_dict
 from tests.models.family_cases import CASES, VOCAB, build_hf
+from tests.models.hf_parity import TOL, check_decode_steps, check_prefill, saved_pair
 
 pytest.importorskip("transformers")
-
-TOL = 1e-4
-PROMPT, PAD, DECODE_STEPS = 9, 3, 3  # row 1 of the batch is left-padded by PAD tokens
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[c.name for c in CASES])
@@ -28,38 +24,7 @@ def pair(request, tmp_path_factory):
     """(case, HF model, own model loaded from the HF model's safetensors, checkpoint dir)."""
     case = request.param
     hf = build_hf(case)
-    directory = tmp_path_factory.mktemp(case.name)
-    hf.save_pretrained(directory, safe_serialization=True)
-    return case, hf, load_hf_checkpoint(directory).model, directory
-
-
-def padded_prompt(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (2, PROMPT), generator=gen)
-    mask = torch.ones(2, PROMPT, dtype=torch.long)
-    mask[1, :PAD] = 0
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, positions
-
-
-def hf_cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Copies of a transformers DynamicCache, every layer left-padded with zeros to the longest layer.
-
-    Sliding-window layers keep only their last window - 1 tokens; the zeros stand for keys outside the
-    window, which the own model's window mask never lets a query see.
-    """
-    layers = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
-    longest = max(k.shape[2] for k, _ in layers)
-    return [(_left_pad(k, longest), _left_pad(v, longest)) for k, v in layers]
-
-
-def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
-    pad = torch.zeros(*t.shape[:2], length - t.shape[2], t.shape[3], dtype=t.dtype)
-    return torch.cat((pad, t), dim=2)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max())
+    return saved_pair(case, hf, tmp_path_factory)
 
 
 def test_config_from_hf_dict_matches_the_saved_config(pair):
@@ -73,38 +38,14 @@ def test_model_config_round_trips_through_json(pair):
     assert ModelConfig.from_dict(json.loads(own.config.to_json())) == own.config
 
 
-@torch.no_grad()
 def test_prefill_logits_and_cache_match_hf(pair):
-    case, hf, own, _ = pair
-    ids, mask, positions = padded_prompt(seed=2)
-    want = hf(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    got, presents = own(ids, mask, positions, empty_past(own.config, 2))
-    real = mask.bool()  # padded query rows are fully masked and meaningless in both
-    assert max_diff(got[real], want.logits[real]) <= TOL
-    for (k, v), layer in zip(presents, want.past_key_values.layers):
-        kept = layer.keys.shape[2]  # a sliding layer keeps its last window - 1 tokens
-        assert max_diff(k[:, :, -kept:], layer.keys) <= TOL and max_diff(v[:, :, -kept:], layer.values) <= TOL
+    _, hf, own, _ = pair
+    check_prefill(hf, own, VOCAB)
 
 
-@torch.no_grad()
 def test_decode_steps_match_hf_with_own_and_with_hf_cache(pair):
-    case, hf, own, _ = pair
-    ids, mask, positions = padded_prompt(seed=3)
-    cache = hf(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True).past_key_values
-    _, past = own(ids, mask, positions, empty_past(own.config, 2))
-    gen = torch.Generator().manual_seed(4)
-    for _ in range(DECODE_STEPS):
-        hf_past = hf_cache_tensors(cache)  # HF updates its cache in place on the next call
-        step = torch.randint(0, VOCAB, (2, 1), generator=gen)
-        mask = torch.cat((mask, torch.ones(2, 1, dtype=torch.long)), dim=1)
-        positions = positions[:, -1:] + 1
-        want = hf(input_ids=step, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                  use_cache=True).logits
-        got, past = own(step, mask, positions, past)
-        assert max_diff(got, want) <= TOL
-        kept = hf_past[0][0].shape[2]
-        from_hf_cache, _ = own(step, mask[:, -(kept + 1):], positions, hf_past)
-        assert max_diff(from_hf_cache, want) <= TOL
+    _, hf, own, _ = pair
+    check_decode_steps(hf, own, VOCAB)
 
 
 # --------------------------------------------------------------------------- presets: export to ONNX

@@ -14,15 +14,13 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from kvc.models import empty_past
 from kvc.models.config import Family, ModelConfig, RopeScaling, RopeScalingKind
-from kvc.models.loaders.hf import config_from_hf_dict, load_hf_checkpoint
+from kvc.models.loaders.hf import config_from_hf_dict
+from tests.models.hf_parity import check_decode_steps, check_prefill, saved_pair
 
 transformers = pytest.importorskip("transformers")
 
-TOL = 1e-4
 VOCAB, HIDDEN, LAYERS, HEADS, INTER = 128, 64, 2, 4, 96
-PROMPT, PAD, DECODE_STEPS = 9, 3, 3  # row 1 of the batch is left-padded by PAD tokens
 
 
 @dataclass(frozen=True)
@@ -109,29 +107,7 @@ def pair(request, tmp_path_factory):
     case: Case = request.param
     torch.manual_seed(0)
     hf = randomize_(case.make_hf(), seed=1)
-    directory = tmp_path_factory.mktemp(case.name)
-    hf.save_pretrained(directory, safe_serialization=True)
-    return case, hf, load_hf_checkpoint(directory).model, directory
-
-
-def padded_prompt(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (2, PROMPT), generator=gen)
-    mask = torch.ones(2, PROMPT, dtype=torch.long)
-    mask[1, :PAD] = 0
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, positions
-
-
-def hf_cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Copies of a transformers DynamicCache (5.x: .layers[i].keys / .values; 4.x: key_cache / value_cache)."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
-    return [(k.clone(), v.clone()) for k, v in zip(cache.key_cache, cache.value_cache)]
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max())
+    return saved_pair(case, hf, tmp_path_factory)
 
 
 def test_config_from_hf_dict_matches_the_saved_config(pair):
@@ -140,37 +116,11 @@ def test_config_from_hf_dict_matches_the_saved_config(pair):
     assert config_from_hf_dict(raw, name="x") == case.expected.replace(name="x")
 
 
-@torch.no_grad()
 def test_prefill_logits_and_cache_match_hf(pair):
-    case, hf, own, _ = pair
-    ids, mask, positions = padded_prompt(seed=2)
-    want = hf(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    got, presents = own(ids, mask, positions, empty_past(own.config, 2))
-    real = mask.bool()  # padded query rows are fully masked and meaningless in both
-    assert max_diff(got[real], want.logits[real]) <= TOL
-    # HF may keep only the last sliding_window - 1 tokens; the own cache keeps all (the mask applies the window).
-    for (k, v), (hk, hv) in zip(presents, hf_cache_tensors(want.past_key_values)):
-        kept = hk.shape[2]
-        assert max_diff(k[:, :, -kept:], hk) <= TOL and max_diff(v[:, :, -kept:], hv) <= TOL
+    _, hf, own, _ = pair
+    check_prefill(hf, own, VOCAB)
 
 
-@torch.no_grad()
 def test_decode_steps_match_hf_with_own_and_with_hf_cache(pair):
-    case, hf, own, _ = pair
-    ids, mask, positions = padded_prompt(seed=3)
-    hf_out = hf(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    cache = hf_out.past_key_values
-    _, past = own(ids, mask, positions, empty_past(own.config, 2))
-    gen = torch.Generator().manual_seed(4)
-    for _ in range(DECODE_STEPS):
-        hf_past = hf_cache_tensors(cache)  # HF updates its cache in place on the next call
-        step = torch.randint(0, VOCAB, (2, 1), generator=gen)
-        mask = torch.cat((mask, torch.ones(2, 1, dtype=torch.long)), dim=1)
-        positions = positions[:, -1:] + 1
-        want = hf(input_ids=step, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                  use_cache=True).logits
-        got, past = own(step, mask, positions, past)
-        assert max_diff(got, want) <= TOL
-        kept = hf_past[0][0].shape[2]
-        from_hf_cache, _ = own(step, mask[:, -(kept + 1):], positions, hf_past)
-        assert max_diff(from_hf_cache, want) <= TOL
+    _, hf, own, _ = pair
+    check_decode_steps(hf, own, VOCAB)
