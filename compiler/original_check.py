@@ -1,0 +1,233 @@
+"""`kvc compile`'s check of the compiled engine against the ORIGINAL graph, before the artifact is written.
+
+The original (the concat-KV graph as the user gave it) runs on ONNX Runtime CPU; the compiled artifact runs
+through the runtime as `kvc run` would load it. Both see the same seeded random tokens: one prefill call,
+then one token per call (teacher forcing, so a single wrong step cannot hide behind diverging samples), long
+enough to cross the model's own sliding window and the ring's wrap-around where those are exact (see
+``plan_check``). Every step's logits must agree within the KV dtype's tolerance (``TOLERANCES``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from kvc.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, KvDtype, is_past, is_present,
+                          past_for)
+from kvc.errors import GraphError, KvcError
+
+CHECK_SEED = 0
+SHORT_PROMPT = 6  # tokens, when there is no window or wrap to cross
+DECODE_STEPS = 4  # one token per call after the prefill
+LONG_PROMPT_LIMIT = 512  # longest prompt the check feeds to reach a window or the ring's wrap
+NO_CHECK_HINT = "--no-check skips this check"
+
+# Inputs of foreign exports that kvc's ring graph does not take, fed the way transformers / optimum do.
+TOKEN_TYPE_IDS = "token_type_ids"
+CACHE_POSITION = "cache_position"
+USE_CACHE_BRANCH = "use_cache_branch"  # optimum's merged decoder: true once a past exists
+
+
+class CheckMismatch(KvcError):
+    """The compiled engine's logits differ from the original graph's: nothing was written."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """max |compiled - original| over a step's logits must be <= absolute + relative * max |original|.
+
+    Relative to the step's largest logit, so that the bound scales with the model's logit range."""
+    absolute: float
+    relative: float
+    why: str
+
+    def bound(self, reference: np.ndarray) -> float:
+        return self.absolute + self.relative * float(np.max(np.abs(reference)))
+
+
+# fp32: the same math in another order (fused attention, ring slots, TVM kernels): rounding only; measured
+# <= 2e-6 relative on the tiny presets. Stored caches add their codec's rounding to every cached K/V:
+# fp16/bf16 keep 11/8 significant bits, int8 1/254 of each token's head range, fp8 E4M3 4 bits; measured on
+# the tiny presets at 0.2% (fp16), 1-2% (int8) and 6-9% (fp8) of the logit range. A bug that drops the
+# window, a position or a layer moves logits by a large part of their range.
+TOLERANCES = {
+    KvDtype.FP32: Tolerance(1e-4, 1e-3, "float32 rounding"),
+    KvDtype.FP16: Tolerance(1e-3, 2e-2, "float16 cache rounding"),
+    KvDtype.BF16: Tolerance(1e-3, 5e-2, "bfloat16 cache rounding"),
+    KvDtype.INT8: Tolerance(1e-3, 8e-2, "int8 cache quantization"),
+    KvDtype.FP8: Tolerance(1e-3, 2.5e-1, "fp8 E4M3 cache quantization"),
+}
+
+
+@dataclass(frozen=True)
+class CheckPlan:
+    """The tokens both graphs see: ``prompt`` in one call, then each of ``decode`` in its own call."""
+    prompt: tuple[int, ...]
+    decode: tuple[int, ...]
+    covers: str  # what the token count reaches, for the user
+
+    @property
+    def total(self) -> int:
+        return len(self.prompt) + len(self.decode)
+
+
+def plan_check(vocab_size: int, capacity: int, max_positions: int, window: Optional[int],
+               seed: int = CHECK_SEED) -> CheckPlan:
+    """Prefill + DECODE_STEPS decode steps. With a model window W <= capacity C the ring's wrap is exact
+    (tokens it overwrites are outside every window), so the decode steps cross C (the prompt, C - 1 tokens,
+    already crosses W); else they cross W when W < C; else stay within C. ``window`` is the original graph's
+    own window (None: full attention, or a user override the original does not apply)."""
+    limit = min(capacity, max_positions)
+    steps = min(DECODE_STEPS, max(limit - 1, 0))
+    prompt_len, covers = max(min(SHORT_PROMPT, limit - steps), 1), "no window"
+    if window is not None and window <= capacity:
+        if capacity - 1 <= LONG_PROMPT_LIMIT and capacity - 1 + DECODE_STEPS <= max_positions:
+            prompt_len, steps = capacity - 1, DECODE_STEPS
+            covers = f"past the window of {window} and the ring's wrap at {capacity}"
+        elif window - 1 <= LONG_PROMPT_LIMIT and window - 1 + DECODE_STEPS <= limit:
+            prompt_len, steps = window - 1, DECODE_STEPS
+            covers = f"past the window of {window}; not the ring's wrap at {capacity} (longer than " \
+                     f"{LONG_PROMPT_LIMIT} tokens)"
+        else:
+            covers = f"within the window of {window} only (reaching it takes more than {LONG_PROMPT_LIMIT} tokens)"
+    elif window is not None:
+        covers = f"within capacity {capacity} (window {window} is wider)"
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab_size, prompt_len + steps).tolist()
+    return CheckPlan(tuple(tokens[:prompt_len]), tuple(tokens[prompt_len:]), covers)
+
+
+# --------------------------------------------------------------------------- the original graph
+class OriginalGraph:
+    """The input graph on ONNX Runtime CPU, one sequence (batch 1), its cache concatenated step by step."""
+
+    def __init__(self, onnx_path: Path):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own types; any failure means it cannot run
+            raise GraphError(f"the original graph {onnx_path} does not run on ONNX Runtime CPU "
+                             f"({_first_line(exc)}), so the compiled engine cannot be checked against it; "
+                             f"{NO_CHECK_HINT}") from None
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        unknown = [n for n in self.inputs if not (is_past(n) or n in _FEEDERS)]
+        if unknown:
+            raise GraphError(f"cannot feed the original graph's input(s) {', '.join(unknown)} to check the compiled "
+                             f"engine against it (kvc feeds {', '.join(_FEEDERS)} and the past key/values); "
+                             f"{NO_CHECK_HINT}")
+        self.past = {n: _empty_cache(i) for n, i in self.inputs.items() if is_past(n)}
+        self.length = 0
+
+    def step(self, tokens: list[int]) -> np.ndarray:
+        """Run ``tokens`` after what came before; logits [len(tokens), vocab] as float64."""
+        feed = {name: feeder(self.length, len(tokens), tokens) for name, feeder in _FEEDERS.items()
+                if name in self.inputs}
+        feed = {n: v.astype(_numpy_type(self.inputs[n].type)) for n, v in feed.items()}
+        feed.update(self.past)
+        results = dict(zip(self.output_names, self.session.run(None, feed)))
+        for name, value in results.items():
+            if is_present(name) and past_for(name) in self.past:
+                self.past[past_for(name)] = value
+        self.length += len(tokens)
+        logits = results[LOGITS] if LOGITS in results else results[self.output_names[0]]
+        return np.asarray(logits, np.float64)[0, -len(tokens):]
+
+
+_FEEDERS: dict[str, Callable[[int, int, list[int]], np.ndarray]] = {
+    INPUT_IDS: lambda past, n, ids: np.array([ids]),
+    ATTENTION_MASK: lambda past, n, ids: np.ones((1, past + n)),
+    POSITION_IDS: lambda past, n, ids: np.arange(past, past + n)[None, :],
+    TOKEN_TYPE_IDS: lambda past, n, ids: np.zeros((1, n)),
+    CACHE_POSITION: lambda past, n, ids: np.arange(past, past + n),
+    USE_CACHE_BRANCH: lambda past, n, ids: np.array([past > 0]),
+}
+
+
+def _empty_cache(info) -> np.ndarray:
+    dims = [d if isinstance(d, int) else 1 for d in info.shape]  # batch 1; heads / head_dim are static
+    dims[2] = 0
+    return np.zeros(dims, _numpy_type(info.type))
+
+
+def _numpy_type(ort_type: str) -> np.dtype:
+    names = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+    if ort_type not in names:
+        raise GraphError(f"the original graph has an input of type {ort_type}, which the compile check cannot "
+                         f"feed; {NO_CHECK_HINT}")
+    return np.dtype(names[ort_type])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[-1] if text else type(exc).__name__)[:200]
+
+
+def reference_logits(onnx_path: Path, plan: CheckPlan) -> list[np.ndarray]:
+    """The original graph's logits: the prompt's [P, V], then one [1, V] per decode token."""
+    original = OriginalGraph(onnx_path)
+    steps = [original.step(list(plan.prompt))]
+    steps += [original.step([token]) for token in plan.decode]
+    return steps
+
+
+# --------------------------------------------------------------------------- the compiled artifact
+def compiled_logits(artifact: Path, plan: CheckPlan) -> list[np.ndarray]:
+    """The same steps on the artifact as the runtime loads it; positions past capacity wrap in the ring."""
+    from kvc.runtime.model import LoadOptions, load
+    from kvc.runtime.ring_slots import storage_index
+
+    model = load(artifact, LoadOptions(verify_hashes=False))  # written by this process a moment ago
+    engine = model.engine
+    prompt = np.array([plan.prompt], np.int64)
+    zero = np.zeros(1, np.int64)
+    steps = [np.asarray(engine.forward(prompt, np.arange(len(plan.prompt))[None, :], zero), np.float64)[0]]
+    for i, token in enumerate(plan.decode):
+        position = np.array([len(plan.prompt) + i], np.int64)
+        logits = engine.forward(np.array([[token]], np.int64), position[:, None],
+                                storage_index(position, engine.capacity))
+        steps.append(np.asarray(logits, np.float64)[0, -1:])
+    return steps
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    max_abs_diff: float
+    tolerance: float  # the bound at the step closest to failing
+    summary: str
+
+
+def compare(reference: list[np.ndarray], compiled: list[np.ndarray], plan: CheckPlan, kv_dtype: KvDtype,
+            engine: str) -> CheckResult:
+    """Raise CheckMismatch at the first step out of tolerance; else the worst step's figures."""
+    tolerance = TOLERANCES[kv_dtype]
+    worst = (0.0, tolerance.bound(reference[0]))
+    for index, (ref, got) in enumerate(zip(reference, compiled)):
+        if got.shape != ref.shape:
+            raise CheckMismatch(f"the compiled {engine} engine returns logits of shape {got.shape} at "
+                                f"{_step_name(index, plan)}, the original graph {ref.shape}; nothing was written "
+                                f"({NO_CHECK_HINT})")
+        diff = float(np.max(np.abs(got - ref))) if np.all(np.isfinite(got)) else float("inf")
+        bound = tolerance.bound(ref)
+        if not diff <= bound:
+            raise CheckMismatch(f"the compiled {engine} engine does not match the original graph at "
+                                f"{_step_name(index, plan)}: max |logit diff| {diff:.3g} > tolerance {bound:.3g} "
+                                f"({tolerance.why}, {kv_dtype.value} cache); nothing was written. This is a kvc "
+                                f"bug or a graph structure kvc misread: please report it ({NO_CHECK_HINT})")
+        if diff / bound > worst[0] / worst[1]:
+            worst = (diff, bound)
+    summary = (f"check vs the original graph: {len(plan.prompt)}-token prompt + {len(plan.decode)} decode steps "
+               f"({plan.covers}): max |logit diff| {worst[0]:.2e} (tolerance {worst[1]:.2e}, {kv_dtype.value} cache)")
+    return CheckResult(worst[0], worst[1], summary)
+
+
+def _step_name(index: int, plan: CheckPlan) -> str:
+    if index == 0:
+        return f"the prefill of {len(plan.prompt)} tokens"
+    return f"decode step {index} (position {len(plan.prompt) + index - 1})"
