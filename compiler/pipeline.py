@@ -68,9 +68,8 @@ class _OriginalCheck:
             return None
         from kvc.compiler.original_check import plan_check, reference_logits
 
-        own_window = description.sliding_window if options.sliding_window is None else None
         plan = plan_check(description.config.vocab_size, description.capacity, description.max_positions,
-                          own_window)
+                          description.original_window, options.sliding_window)
         return cls(plan, reference_logits(onnx_path, plan))
 
     def against(self, staging: Path, options: CompileOptions):
