@@ -77,21 +77,44 @@ def model_config_for(model: ir.Model, config_path: Path | None,
                      model_dir: Path | None = None) -> tuple[ModelConfig, str]:
     """(config, where it came from): --config, export metadata, config.json beside the model, the graph."""
     if config_path is not None:
-        return _hf_config(config_path / HF_CONFIG_FILE if config_path.is_dir() else config_path)
+        return _hf_config(config_path / HF_CONFIG_FILE if config_path.is_dir() else config_path, model)
     if MODEL_CONFIG_KEY in model.metadata_props:
         return ModelConfig.from_dict(json.loads(model.metadata_props[MODEL_CONFIG_KEY])), "kvc export metadata"
     if model_dir is not None and (model_dir / HF_CONFIG_FILE).is_file():
-        return _hf_config(model_dir / HF_CONFIG_FILE)
+        return _hf_config(model_dir / HF_CONFIG_FILE, model)
     return infer_config(model), "inferred from the graph (pass --config config.json for exact values)"
 
 
-def _hf_config(path: Path) -> tuple[ModelConfig, str]:
+def _hf_config(path: Path, model: ir.Model) -> tuple[ModelConfig, str]:
+    """Any decoder's config.json (kvc.compiler.decoder_config), checked against the graph's cache inputs."""
+    from kvc.compiler.decoder_config import compile_config_from_hf_dict
     from kvc.errors import CheckpointError
-    from kvc.models.loaders.hf import config_from_hf_dict
     from kvc.userfiles import read_user_json
 
     raw = read_user_json(path, "model config", error=CheckpointError)  # bounded: --config is a user file
-    return config_from_hf_dict(raw, name=path.parent.name), str(path)
+    config, generic_because = compile_config_from_hf_dict(raw, path.parent.name, str(path))
+    _check_cache_geometry(config, model, path)
+    source = str(path)
+    if generic_because is not None:
+        source += f" (model_type {raw.get('model_type')!r} read generically, {generic_because})"
+    return config, source
+
+
+def _check_cache_geometry(config: ModelConfig, model: ir.Model, path: Path) -> None:
+    """A config of another model would size the ring wrongly: its layers, kv heads and head dim must be the
+    graph's (read off the past key inputs)."""
+    pasts = {m.group(1): v for v in model.graph.inputs if (m := PAST_RE.match(v.name)) and m.group(2) == "key"}
+    if not pasts:
+        return  # graph_checks refuses such graphs with its own message
+    first = pasts.get("0") or next(iter(pasts.values()))
+    shape = list(first.shape) if first.shape is not None else []
+    found = {"layers": (config.num_layers, len(pasts)),
+             "kv heads": (config.num_kv_heads, shape[1] if len(shape) == 4 else None),
+             "head dim": (config.resolved_head_dim, shape[3] if len(shape) == 4 else None)}
+    for what, (says, graph) in found.items():
+        if isinstance(graph, int) and says != graph:
+            raise GraphError(f"{path} says {says} {what} but the graph's past key inputs have {graph}; pass the "
+                             "config.json of this model")
 
 
 def _generation(model_dir: Path, model: ir.Model, config: ModelConfig) -> dict[str, Any]:
