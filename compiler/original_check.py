@@ -10,13 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
 from kvc.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, KvDtype, is_past, is_present,
                           past_for)
 from kvc.errors import GraphError, KvcError
+
+if TYPE_CHECKING:
+    from kvc.compiler.model_description import ModelDescription
+    from kvc.compiler.options import CompileOptions
 
 CHECK_SEED = 0
 SHORT_PROMPT = 6  # tokens, when there is no window or wrap to cross
@@ -32,6 +36,30 @@ USE_CACHE_BRANCH = "use_cache_branch"  # optimum's merged decoder: true once a p
 
 class CheckMismatch(KvcError):
     """The compiled engine's logits differ from the original graph's: nothing was written."""
+
+
+@dataclass(frozen=True)
+class OriginalCheck:
+    """What `kvc compile` needs for the check: the plan and the original's logits, taken before the passes
+    rewrite the model; ``against`` runs the staged artifact and compares."""
+    plan: "CheckPlan"
+    reference: "Reference"
+
+    @classmethod
+    def prepare(cls, onnx_path: Path, description: "ModelDescription",
+                options: "CompileOptions") -> "OriginalCheck | None":
+        """None with --no-check. The window the original applies is the model's own, not --sliding-window."""
+        if not options.check:
+            return None
+        config = description.config
+        plan = plan_check(config.vocab_size, description.capacity, description.max_positions,
+                          description.original_window, options.sliding_window)
+        return cls(plan, reference_logits(onnx_path, plan, config.num_kv_heads, config.resolved_head_dim))
+
+    def against(self, artifact: Path, options: "CompileOptions") -> "CheckResult":
+        """Raises CheckMismatch when the artifact's engine disagrees with the original."""
+        return compare(self.reference, compiled_logits(artifact, self.plan), self.plan, options.kv_dtype,
+                       options.engine.value)
 
 
 @dataclass(frozen=True)
@@ -113,7 +141,7 @@ def _random_plan(vocab_size: int, limit: int, seed: int, covers: str, prompt: Op
 class OriginalGraph:
     """The input graph on ONNX Runtime CPU, one sequence (batch 1), its cache concatenated step by step."""
 
-    def __init__(self, onnx_path: Path):
+    def __init__(self, onnx_path: Path, kv_heads: int, head_dim: int):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -131,8 +159,9 @@ class OriginalGraph:
             raise GraphError(f"cannot feed the original graph's input(s) {', '.join(unknown)} to check the compiled "
                              f"engine against it (kvc feeds {', '.join(_FEEDERS)} and the past key/values); "
                              f"{NO_CHECK_HINT}")
-        self.past = {n: _empty_cache(i) for n, i in self.inputs.items() if is_past(n)}
+        self.past = {n: _empty_cache(i, kv_heads, head_dim) for n, i in self.inputs.items() if is_past(n)}
         self.length = 0
+        self.computes_in_half = any(i.type == "tensor(float16)" for i in self.inputs.values())
 
     def step(self, tokens: list[int]) -> np.ndarray:
         """Run ``tokens`` after what came before; logits [len(tokens), vocab] as float64."""
@@ -140,7 +169,12 @@ class OriginalGraph:
                 if name in self.inputs}
         feed = {n: v.astype(_numpy_type(self.inputs[n].type)) for n, v in feed.items()}
         feed.update(self.past)
-        results = dict(zip(self.output_names, self.session.run(None, feed)))
+        try:
+            results = dict(zip(self.output_names, self.session.run(None, feed)))
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own types
+            raise GraphError(f"the original graph fails on ONNX Runtime CPU after {self.length} tokens "
+                             f"({_first_line(exc)}), so the compiled engine cannot be checked against it; "
+                             f"{NO_CHECK_HINT}") from None
         for name, value in results.items():
             if is_present(name) and past_for(name) in self.past:
                 self.past[past_for(name)] = value
@@ -159,9 +193,12 @@ _FEEDERS: dict[str, Callable[[int, int, list[int]], np.ndarray]] = {
 }
 
 
-def _empty_cache(info) -> np.ndarray:
-    dims = [d if isinstance(d, int) else 1 for d in info.shape]  # batch 1; heads / head_dim are static
-    dims[2] = 0
+def _empty_cache(info, kv_heads: int, head_dim: int) -> np.ndarray:
+    """[batch 1, kv heads, 0 tokens, head dim]: the graph's static sizes, else the model description's."""
+    dims = [1, kv_heads, 0, head_dim]
+    for axis in (1, 3):
+        if len(info.shape) == 4 and isinstance(info.shape[axis], int):
+            dims[axis] = info.shape[axis]
     return np.zeros(dims, _numpy_type(info.type))
 
 
@@ -179,12 +216,18 @@ def _first_line(exc: BaseException) -> str:
     return (text[-1] if text else type(exc).__name__)[:200]
 
 
-def reference_logits(onnx_path: Path, plan: CheckPlan) -> list[np.ndarray]:
+@dataclass(frozen=True)
+class Reference:
     """The original graph's logits: the prompt's [P, V], then one [1, V] per decode token."""
-    original = OriginalGraph(onnx_path)
+    logits: list[np.ndarray]
+    computes_in_half: bool  # a float16 graph: float16 rounding on both sides, whatever the cache dtype
+
+
+def reference_logits(onnx_path: Path, plan: CheckPlan, kv_heads: int, head_dim: int) -> Reference:
+    original = OriginalGraph(onnx_path, kv_heads, head_dim)
     steps = [original.step(list(plan.prompt))]
     steps += [original.step([token]) for token in plan.decode]
-    return steps
+    return Reference(steps, original.computes_in_half)
 
 
 # --------------------------------------------------------------------------- the compiled artifact
@@ -213,12 +256,21 @@ class CheckResult:
     summary: str
 
 
-def compare(reference: list[np.ndarray], compiled: list[np.ndarray], plan: CheckPlan, kv_dtype: KvDtype,
+def tolerance_for(kv_dtype: KvDtype, computes_in_half: bool) -> Tolerance:
+    """The cache dtype's tolerance; a float16 graph gets at least float16's."""
+    tolerance = TOLERANCES[kv_dtype]
+    half = TOLERANCES[KvDtype.FP16]
+    if computes_in_half and tolerance.relative < half.relative:
+        return Tolerance(half.absolute, half.relative, "float16 rounding (the graph computes in float16)")
+    return tolerance
+
+
+def compare(reference: Reference, compiled: list[np.ndarray], plan: CheckPlan, kv_dtype: KvDtype,
             engine: str) -> CheckResult:
     """Raise CheckMismatch at the first step out of tolerance; else the worst step's figures."""
-    tolerance = TOLERANCES[kv_dtype]
-    worst = (0.0, tolerance.bound(reference[0]))
-    for index, (ref, got) in enumerate(zip(reference, compiled)):
+    tolerance = tolerance_for(kv_dtype, reference.computes_in_half)
+    worst = (0.0, tolerance.bound(reference.logits[0]))
+    for index, (ref, got) in enumerate(zip(reference.logits, compiled)):
         if got.shape != ref.shape:
             raise CheckMismatch(f"the compiled {engine} engine returns logits of shape {got.shape} at "
                                 f"{_step_name(index, plan)}, the original graph {ref.shape}; nothing was written "

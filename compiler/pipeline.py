@@ -4,22 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 
 from kvc.compiler.artifact_writer import copy_side_files, write_manifest
 from kvc.compiler.model_description import ModelDescription, describe_model
 from kvc.compiler.options import CompileOptions
+from kvc.compiler.original_check import OriginalCheck
 from kvc.contract import CacheLayoutKind, EngineKind
 from kvc.errors import KvcError
 from kvc.fsutil import atomic_dir
 from kvc.passes.base import PassReport
 from kvc.passes.pipeline import PipelineOptions, default_passes, lowering_passes, run_passes
 from kvc.runtime.artifact import CacheSpec, Manifest
-
-if TYPE_CHECKING:
-    from kvc.compiler.original_check import CheckPlan
 
 
 @dataclass
@@ -38,7 +35,7 @@ def compile_model(onnx_path: Path, output: Path, options: CompileOptions, overwr
     model = load_model_checked(onnx_path)
     description = describe_model(model, onnx_path.parent, options)
     passes = default_passes(pipeline_options(description)) + lowering_passes(options.engine)
-    check = _OriginalCheck.before_passes(onnx_path, description, options)  # fails fast on unfeedable inputs
+    check = OriginalCheck.prepare(onnx_path, description, options)  # before the passes: fails fast
     reports = run_passes(model, passes, options.dump_passes, _verifier(options))
     for r in reports:
         progress(_format_report(r))
@@ -53,30 +50,6 @@ def compile_model(onnx_path: Path, output: Path, options: CompileOptions, overwr
         if check is not None:  # a mismatch raises here: the staging directory goes, nothing is written
             progress(check.against(staging, options).summary)
     return CompileResult(manifest, reports, description.config_source)
-
-
-@dataclass(frozen=True)
-class _OriginalCheck:
-    """The original graph's logits on the check's tokens, taken before the passes rewrite the model."""
-    plan: "CheckPlan"
-    reference: list
-
-    @classmethod
-    def before_passes(cls, onnx_path: Path, description: ModelDescription,
-                      options: CompileOptions) -> "_OriginalCheck | None":
-        if not options.check:
-            return None
-        from kvc.compiler.original_check import plan_check, reference_logits
-
-        plan = plan_check(description.config.vocab_size, description.capacity, description.max_positions,
-                          description.original_window, options.sliding_window)
-        return cls(plan, reference_logits(onnx_path, plan))
-
-    def against(self, staging: Path, options: CompileOptions):
-        from kvc.compiler.original_check import compare, compiled_logits
-
-        return compare(self.reference, compiled_logits(staging, self.plan), self.plan, options.kv_dtype,
-                       options.engine.value)
 
 
 def pipeline_options(description: ModelDescription) -> PipelineOptions:

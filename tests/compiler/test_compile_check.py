@@ -157,6 +157,21 @@ def test_cli_no_check_flag(exported, tmp_path):
     assert "check vs the original graph" not in unchecked.output
 
 
+def test_cli_refusal_is_one_line_and_exit_1(exported, tmp_path, drop_window):
+    from click.testing import CliRunner
+
+    from kvc.cli.main import cli
+
+    _, _, onnx_path = exported("tiny-mistral")
+    out = tmp_path / "wrong.kvc"
+    result = CliRunner().invoke(cli, ["compile", str(onnx_path), "-o", str(out), "--max-seq-len", str(CAPACITY)])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if "does not match the original graph" in line] == \
+        [result.output.strip().splitlines()[-1]]
+    assert_nothing_written(out)
+
+
 # --------------------------------------------------------------------------- TVM
 def test_tvm_engine_is_checked_too(exported, tmp_path, drop_window):
     _, _, onnx_path = exported("tiny-mistral")
