@@ -58,8 +58,8 @@ class OriginalCheck:
 
     def against(self, artifact: Path, options: "CompileOptions") -> "CheckResult":
         """Raises CheckMismatch when the artifact's engine disagrees with the original."""
-        return compare(self.reference, compiled_logits(artifact, self.plan), self.plan, options.kv_dtype,
-                       options.engine.value)
+        compiled = compiled_logits(artifact, self.plan, options.device.value)
+        return compare(self.reference, compiled, self.plan, options.kv_dtype, options.engine.value)
 
 
 @dataclass(frozen=True)
@@ -231,12 +231,16 @@ def reference_logits(onnx_path: Path, plan: CheckPlan, kv_heads: int, head_dim: 
 
 
 # --------------------------------------------------------------------------- the compiled artifact
-def compiled_logits(artifact: Path, plan: CheckPlan) -> list[np.ndarray]:
+def compiled_logits(artifact: Path, plan: CheckPlan, device: str) -> list[np.ndarray]:
     """The same steps on the artifact as the runtime loads it; positions past capacity wrap in the ring."""
     from kvc.runtime.model import LoadOptions, load
     from kvc.runtime.ring_slots import storage_index
 
-    model = load(artifact, LoadOptions(verify_hashes=False))  # written by this process a moment ago
+    try:  # written by this process a moment ago: no need to hash it again
+        model = load(artifact, LoadOptions(device=device, verify_hashes=False))
+    except KvcError as exc:  # e.g. a cuda artifact compiled on a machine without a GPU
+        raise GraphError(f"cannot run the compiled artifact here to check it against the original graph ({exc}); "
+                         f"compile where its device is, or {NO_CHECK_HINT}") from None
     engine = model.engine
     prompt = np.array([plan.prompt], np.int64)
     zero = np.zeros(1, np.int64)
