@@ -6,8 +6,16 @@ Sources, in this order (the first that says something wins):
   3. the graph's metadata (kvc.contract.MODEL_CONFIG_KEY, written by kvc export);
   4. config.json beside the model file (optimum and other exporters write one);
   5. inference from the graph's shapes (enough for the manifest and the planner).
-Generation defaults: generation_config.json beside the model, else the graph's
-kvc.contract.GENERATION_KEY metadata, else none.
+Generation defaults (EOS ids, BOS id, whether text gets BOS, sampling values), each key from the first
+source that has it (kvc.compiler.generation_files reads the files, bounded):
+  1. generation_config.json beside the model (kvc export's form or Hugging Face's);
+  2. the graph's kvc.contract.GENERATION_KEY metadata (kvc export);
+  3. tokenizer_config.json beside the model: eos_token / bos_token (text, mapped to ids through its
+     added_tokens_decoder or tokenizer.json) and add_bos_token;
+  4. the model config resolved above (its eos_token_id / bos_token_id);
+  and, when BOS is known but no source says whether text gets it, tokenizer.json's post-processor.
+The chat template is not resolved here: tokenizer_config.json and chat_template.jinja are copied into the
+artifact, where the runtime reads them.
 """
 from __future__ import annotations
 
@@ -24,14 +32,15 @@ from kvc.contract import GENERATION_KEY, INPUT_IDS, MODEL_CONFIG_KEY, PAST_RE, K
 from kvc.errors import GraphError, KvcError
 from kvc.models.config import Family, ModelConfig
 from kvc.passes.kv_layout import Fp8Scales
+from kvc.userfiles import parse_json
 
 HF_CONFIG_FILE = "config.json"
-GENERATION_FILE = "generation_config.json"
 
 
 @dataclass(frozen=True)
 class ModelDescription:
     config: ModelConfig  # with the user's overrides applied (e.g. its sliding_window)
+    original_window: Optional[int]  # the model's own window, before --sliding-window
     config_source: str  # where the config came from, for the user
     generation: dict[str, Any]  # generation defaults (eos, bos, chat template)
     capacity: int  # ring slots per sequence
@@ -50,6 +59,7 @@ class ModelDescription:
 def describe_model(model: ir.Model, model_dir: Path, options: CompileOptions) -> ModelDescription:
     """Resolve the model description in the documented order (module docstring)."""
     config, source = model_config_for(model, options.config_path, model_dir)
+    original_window = config.sliding_window
     if options.sliding_window is not None:
         config = dataclasses.replace(config, sliding_window=options.sliding_window)
         source += f"; sliding window {options.sliding_window} from --sliding-window"
@@ -57,7 +67,8 @@ def describe_model(model: ir.Model, model_dir: Path, options: CompileOptions) ->
     blockers = config.ring_buffer_blockers(capacity)
     if blockers:
         raise GraphError(blockers[0])
-    return ModelDescription(config=config, config_source=source, generation=_generation(model_dir, model),
+    return ModelDescription(config=config, original_window=original_window, config_source=source,
+                            generation=_generation(model_dir, model, config),
                             capacity=capacity,
                             kv_dtype=options.kv_dtype, fp8_scales=_read_scales(options.kv_scales))
 
@@ -66,38 +77,84 @@ def model_config_for(model: ir.Model, config_path: Path | None,
                      model_dir: Path | None = None) -> tuple[ModelConfig, str]:
     """(config, where it came from): --config, export metadata, config.json beside the model, the graph."""
     if config_path is not None:
-        return _hf_config(config_path / HF_CONFIG_FILE if config_path.is_dir() else config_path)
+        return _hf_config(config_path / HF_CONFIG_FILE if config_path.is_dir() else config_path, model)
     if MODEL_CONFIG_KEY in model.metadata_props:
         return ModelConfig.from_dict(json.loads(model.metadata_props[MODEL_CONFIG_KEY])), "kvc export metadata"
     if model_dir is not None and (model_dir / HF_CONFIG_FILE).is_file():
-        return _hf_config(model_dir / HF_CONFIG_FILE)
+        return _hf_config(model_dir / HF_CONFIG_FILE, model)
     return infer_config(model), "inferred from the graph (pass --config config.json for exact values)"
 
 
-def _hf_config(path: Path) -> tuple[ModelConfig, str]:
+def _hf_config(path: Path, model: ir.Model) -> tuple[ModelConfig, str]:
+    """Any decoder's config.json (kvc.compiler.decoder_config), checked against the graph's cache inputs."""
+    from kvc.compiler.decoder_config import compile_config_from_hf_dict
     from kvc.errors import CheckpointError
-    from kvc.models.loaders.hf import config_from_hf_dict
     from kvc.userfiles import read_user_json
 
     raw = read_user_json(path, "model config", error=CheckpointError)  # bounded: --config is a user file
-    return config_from_hf_dict(raw, name=path.parent.name), str(path)
+    config, generic_because = compile_config_from_hf_dict(raw, path.parent.name, str(path))
+    _check_cache_geometry(config, model, path)
+    source = str(path)
+    if generic_because is not None:
+        source += f" (model_type {raw.get('model_type')!r} read generically, {generic_because})"
+    return config, source
 
 
-def _generation(model_dir: Path, model: ir.Model) -> dict[str, Any]:
-    path = model_dir / GENERATION_FILE
-    if path.is_file():
-        return json.loads(path.read_text())
-    raw = model.metadata_props.get(GENERATION_KEY)
-    return json.loads(raw) if raw else {}
+def _check_cache_geometry(config: ModelConfig, model: ir.Model, path: Path) -> None:
+    """A config of another model would size the ring wrongly: its layers, kv heads and head dim must be the
+    graph's (read off the past key inputs)."""
+    pasts = {m.group(1): v for v in model.graph.inputs if (m := PAST_RE.match(v.name)) and m.group(2) == "key"}
+    if not pasts:
+        return  # graph_checks refuses such graphs with its own message
+    first = pasts.get("0") or next(iter(pasts.values()))
+    shape = list(first.shape) if first.shape is not None else []
+    found = {"layers": (config.num_layers, len(pasts)),
+             "kv heads": (config.num_kv_heads, shape[1] if len(shape) == 4 else None),
+             "head dim": (config.resolved_head_dim, shape[3] if len(shape) == 4 else None)}
+    for what, (says, graph) in found.items():
+        if isinstance(graph, int) and says != graph:
+            raise GraphError(f"{path} says {says} {what} but the graph's past key inputs have {graph}; pass the "
+                             "config.json of this model")
+
+
+def _generation(model_dir: Path, model: ir.Model, config: ModelConfig) -> dict[str, Any]:
+    """Generation defaults, each key from the first source that has it (module docstring)."""
+    from kvc.compiler import generation_files as gf
+
+    sources: list[tuple[dict[str, Any], str]] = []
+    beside = gf.read_beside(model_dir, gf.GENERATION_FILE)
+    if beside is not None:
+        sources.append((gf.from_generation_config(beside), str(model_dir / gf.GENERATION_FILE)))
+    if GENERATION_KEY in model.metadata_props:
+        metadata = parse_json(model.metadata_props[GENERATION_KEY], "metadata", "the graph's generation",
+                              GraphError)
+        sources.append((gf.from_generation_config(metadata if isinstance(metadata, dict) else {}),
+                        "the graph's generation metadata"))
+    tok_config = gf.read_beside(model_dir, gf.TOKENIZER_CONFIG_FILE)
+    if tok_config is not None:
+        sources.append((gf.from_tokenizer_files(model_dir, tok_config), str(model_dir / gf.TOKENIZER_CONFIG_FILE)))
+    from_config = {gf.EOS_IDS: list(config.eos_token_ids)} if config.eos_token_ids else {}
+    if config.bos_token_id is not None:
+        from_config[gf.BOS_ID] = config.bos_token_id
+    sources.append((from_config, "the model config"))
+    generation: dict[str, Any] = {}
+    for found, where in sources:
+        gf.check_ids_in_vocab(found, config.vocab_size, where)
+        for key, value in found.items():
+            generation.setdefault(key, value)
+    if gf.ADD_BOS not in generation and generation.get(gf.BOS_ID) is not None:
+        adds = gf.tokenizer_adds_bos(model_dir, generation[gf.BOS_ID])
+        if adds is not None:
+            generation[gf.ADD_BOS] = adds
+    return generation
 
 
 def _read_scales(path: Path | None) -> Fp8Scales | None:
     if path is None:
         return None
-    try:
-        return Fp8Scales.from_dict(json.loads(Path(path).read_text()))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise KvcError(f"cannot read KV scales from {path} ({exc}); produce them with kvc calibrate") from None
+    from kvc.userfiles import read_user_json
+
+    return Fp8Scales.from_dict(read_user_json(path, "KV scales file (from kvc calibrate)"))
 
 
 def infer_config(model: ir.Model) -> ModelConfig:

@@ -30,6 +30,7 @@ class CompileOptions:
     sliding_window: Optional[int] = None  # override the model's window (None: from the model config)
     dump_passes: Optional[Path] = None
     verify: bool = False
+    check: bool = True  # run the original graph and the compiled engine on one prompt before writing (--no-check)
     tune_trials: int = 0
     tuning_db: Optional[Path] = None
     config_path: Optional[Path] = None  # HF config.json for graphs without kvc metadata

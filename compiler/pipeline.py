@@ -10,6 +10,7 @@ import onnx_ir as ir
 from kvc.compiler.artifact_writer import copy_side_files, write_manifest
 from kvc.compiler.model_description import ModelDescription, describe_model
 from kvc.compiler.options import CompileOptions
+from kvc.compiler.original_check import OriginalCheck
 from kvc.contract import CacheLayoutKind, EngineKind, Entry
 from kvc.errors import KvcError
 from kvc.fsutil import atomic_dir
@@ -34,6 +35,7 @@ def compile_model(onnx_path: Path, output: Path, options: CompileOptions, overwr
     model = load_model_checked(onnx_path)
     description = describe_model(model, onnx_path.parent, options)
     passes = default_passes(pipeline_options(description)) + lowering_passes(options.engine)
+    check = OriginalCheck.prepare(onnx_path, description, options)  # before the passes: fails fast
     reports = run_passes(model, passes, options.dump_passes, _verifier(options))
     entry_graphs, entry_reports = lower_entries(model, options.engine, options.dump_passes, len(passes) + 1)
     reports += entry_reports
@@ -47,6 +49,8 @@ def compile_model(onnx_path: Path, output: Path, options: CompileOptions, overwr
                                   model=description.config.to_dict(), cache=cache, entry_points=entry_points,
                                   passes=[r.to_dict() for r in reports], generation=description.generation,
                                   engine_options=engine_options)
+        if check is not None:  # a mismatch raises here: the staging directory goes, nothing is written
+            progress(check.against(staging, options).summary)
     return CompileResult(manifest, reports, description.config_source)
 
 

@@ -28,6 +28,10 @@ from kvc.contract import KV_DTYPE_NAMES, EngineKind, KvDtype
 @click.option("--dump-passes", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write the graph after each pass into this directory.")
 @click.option("--verify", is_flag=True, help="Run ONNX Runtime before/after each pass and report max |diff|.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Before writing, run the original graph (ONNX Runtime CPU) and the compiled engine on one "
+                   "seeded random prompt plus decode steps (past the model's window and the ring's wrap) and "
+                   "refuse if their logits differ; --no-check skips it (huge models).")
 @click.option("--tune-trials", type=click.IntRange(min=0), default=0, show_default=True,
               help="TVM on CPU: MetaSchedule trials (in all) for the decode step's weight matmuls; the "
                    "database goes into the artifact's tuning/ directory. 0: kvc's default schedules.")
@@ -42,7 +46,7 @@ from kvc.contract import KV_DTYPE_NAMES, EngineKind, KvDtype
                    "files, the current directory or an input.")
 def compile_(model: Path, output: Path | None, engine: str, device: str, max_seq_len: int | None, kv_dtype: str,
              kv_scales: Path | None, sliding_window: int | None, config_path: Path | None,
-             dump_passes: Path | None, verify: bool, tune_trials: int, tuning_db: Path | None,
+             dump_passes: Path | None, verify: bool, check: bool, tune_trials: int, tuning_db: Path | None,
              cpu: str, overwrite: bool) -> None:
     """Compile MODEL (ONNX with past key/values) into an artifact with an in-place ring-buffer KV cache."""
     from kvc.compiler.options import CompileOptions, Device
@@ -55,7 +59,8 @@ def compile_(model: Path, output: Path | None, engine: str, device: str, max_seq
     check_output_dir(output, overwrite, keep=[p for p in (model, kv_scales, config_path, tuning_db) if p])
     options = CompileOptions(engine=EngineKind(engine), device=Device(device), max_seq_len=max_seq_len,
                              kv_dtype=kv_dtype, kv_scales=kv_scales, sliding_window=sliding_window,
-                             dump_passes=dump_passes, verify=verify, tune_trials=tune_trials,
+                             dump_passes=dump_passes, verify=verify, check=check,
+                             tune_trials=tune_trials,
                              tuning_db=tuning_db, config_path=config_path, cpu=cpu)
     result = compile_model(model, output, options, overwrite=overwrite, progress=click.echo)
     cache = result.manifest.cache
