@@ -43,6 +43,8 @@ class ModelSource:
 def resolve_model(model: str) -> ModelSource:
     """MODEL, resolved by the SOURCE resolver every command shares; the planner needs a config only."""
     found = resolve_source(model, PLANNABLE)
+    if found is None and Path(model).exists():  # any other file is read as a config.json (bounded, checked)
+        return _from_hf_config(Path(model))
     if found is None:
         from kvc.models.known_models import KNOWN_MODELS
         from kvc.models.presets import RANDOM_PRESETS
