@@ -36,8 +36,9 @@ from kvc.passes.base import KvcPass, PassReport
 MS_DOMAIN = "com.microsoft"
 TARGET_OPSET = 23  # Attention, RotaryEmbedding, RMSNormalization
 GQA = "GroupQueryAttention"
+MHA = "MultiHeadAttention"
 ONNX_DOMAIN_CONTRIB = ("SimplifiedLayerNormalization",)  # ONNX Runtime's, though in the default domain
-LOWERED = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding", GQA)
+LOWERED = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding", GQA, MHA)
 # Attributes each contrib op may carry, with the values the standard form expresses (None: any value).
 _ALLOWED_ATTRS = {
     "SimplifiedLayerNormalization": {"axis": None, "epsilon": None, "stash_type": None},
@@ -46,11 +47,16 @@ _ALLOWED_ATTRS = {
                         "is_packed_batching": (0,)},
     GQA: {"num_heads": None, "kv_num_heads": None, "scale": None, "softcap": None, "local_window_size": (-1,),
           "do_rotary": None, "rotary_interleaved": None, "smooth_softmax": (0,), "qk_output": (0,)},
+    MHA: {"num_heads": None, "scale": None, "mask_filter_value": None, "unidirectional": (0,)},
 }
 _WHY = {"local_window_size": "a per-layer sliding window inside the graph",
         "smooth_softmax": "smooth softmax (an extra zero logit)", "qk_output": "exposed attention scores",
         "scale": "a rotary output scale", "is_packed_batching": "packed (ragged) batches"}
 _GQA_EXTRA_INPUTS = {9: "position_ids", 10: "attention_bias", 11: "head_sink"}
+# MultiHeadAttention inputs the lowering does not take (the builder's fp16-on-CPU graphs leave them empty and
+# concatenate the past themselves, which kvc's attention fusion then folds into Attention's past inputs).
+_MHA_UNSUPPORTED_INPUTS = {3: "bias", 4: "key_padding_mask", 6: "past_key", 7: "past_value",
+                           8: "past_sequence_length", 9: "cache_indirection"}
 
 
 @dataclass(frozen=True)
@@ -72,21 +78,30 @@ class ImportOrtGenaiPass(KvcPass):
             return report
         _refuse_unsupported(contrib)  # everything that can refuse, before the graph changes
         gqa = [n for n in contrib if n.op_type == GQA]
+        mha = [n for n in contrib if n.op_type == MHA]
+        mha_head_dim = _mha_head_dim(mha) if mha else None
         if gqa:
             _check_gqa_inputs(model, gqa)
         _upgrade_opset(model)
+        upcast = _upcast_fp16(model)
         counts = {op: 0 for op in LOWERED}
         signals = _signals(model.graph) if gqa else None
         mask_cache: dict[ir.DataType, ir.Value] = {}
         for node in contrib:
             _LOWER[node.op_type](model.graph, node, signals, mask_cache)
             counts[node.op_type] += 1
+        if mha_head_dim is not None:
+            _fix_cache_head_size(model.graph, mha_head_dim)
+        counts["Shape"] = _rewrite_past_shapes(model.graph)
         RemoveUnusedNodesPass()(model)
         model.graph.sort()
         if MS_DOMAIN in model.graph.opset_imports and not any(n.domain == MS_DOMAIN for n in model.graph.all_nodes()):
             del model.graph.opset_imports[MS_DOMAIN]
         report.matched = sum(counts.values())
         report.notes.append("lowered " + ", ".join(f"{n} {op}" for op, n in counts.items() if n))
+        if upcast:
+            report.notes.append(f"float16 graph computed in float32 ({upcast} tensors upcast exactly): kvc's "
+                                "passes and CPU engines take float32 models; choose the cache dtype with --kv-dtype")
         return report
 
 
@@ -117,12 +132,41 @@ def _refuse_unsupported(nodes: list[ir.Node]) -> None:
             for index, what in _GQA_EXTRA_INPUTS.items():
                 if len(node.inputs) > index and node.inputs[index] is not None:
                     raise GraphError(f"{where}: input {index} ({what}) is not supported by kvc's import")
+        if node.op_type == MHA:
+            _refuse_mha_form(node, where)
+        if node.op_type == "RotaryEmbedding" and node.inputs[0].shape is not None \
+                and node.inputs[0].shape.rank() == 3 and not attr_int(node, "num_heads", 0):
+            _rotary_heads(node)
+        if node.op_type == "RotaryEmbedding" and (node.inputs[1] is None or node.inputs[1].shape is None
+                                                  or node.inputs[1].shape.rank() != 2):
+            raise GraphError(f"{where}: position_ids are not a [batch, sequence] tensor (a start offset is not "
+                             "supported by kvc's import)")
         if node.op_type == "SkipSimplifiedLayerNormalization" and any(
                 len(node.outputs) > i and node.outputs[i] is not None and node.outputs[i].uses() for i in (1, 2)):
             raise GraphError(f"{where}: its mean / inverse-std outputs are used; kvc's RMSNormalization has none")
         if node.op_type == "SimplifiedLayerNormalization" and len(node.outputs) > 1 and node.outputs[1] is not None \
                 and node.outputs[1].uses():
             raise GraphError(f"{where}: its inverse-std output is used; kvc's RMSNormalization has none")
+
+
+def _refuse_mha_form(node: ir.Node, where: str) -> None:
+    for index, what in _MHA_UNSUPPORTED_INPUTS.items():
+        if len(node.inputs) > index and node.inputs[index] is not None:
+            raise GraphError(f"{where}: input {index} ({what}) is not supported by kvc's import")
+    if any(v is not None and v.uses() for v in node.outputs[1:]):
+        raise GraphError(f"{where}: its present outputs are used; kvc's import takes the past as a Concat")
+    if any(v is None or v.shape is None or v.shape.rank() != 3 for v in node.inputs[:3]):
+        raise GraphError(f"{where}: query, key and value are not 3-D [batch, sequence, hidden] tensors")
+    width = node.inputs[0].shape[-1]
+    if not isinstance(width, int) or width % max(attr_int(node, "num_heads", 0), 1) or attr_int(node, "num_heads", 0) < 1:
+        raise GraphError(f"{where}: query width {width} is not num_heads x a fixed head size")
+
+
+def _mha_head_dim(nodes: list[ir.Node]) -> int:
+    sizes = {n.inputs[0].shape[-1] // attr_int(n, "num_heads", 1) for n in nodes}
+    if len(sizes) != 1:
+        raise GraphError(f"{MHA} nodes disagree on the head size ({sorted(sizes)}); one cache layout per model")
+    return sizes.pop()
 
 
 def _check_gqa_inputs(model: ir.Model, nodes: list[ir.Node]) -> None:
@@ -173,6 +217,32 @@ def _upgrade_opset(model: ir.Model) -> None:
     for imports in (model.opset_imports, model.graph.opset_imports):
         imports[""] = max(imports.get("", 0), TARGET_OPSET)
     model.ir_version = max(model.ir_version, 10)
+
+
+def _upcast_fp16(model: ir.Model) -> int:
+    """float16 weights, constants, casts and I/O -> float32 (exact), so the graph is a float32 model."""
+    f16, f32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
+    changed = 0
+    for value in model.graph.initializers.values():
+        if value.dtype == f16 and value.const_value is not None:
+            value.const_value = ir.tensor(value.const_value.numpy().astype(np.float32), name=value.name)
+            changed += 1
+    for node in model.graph.all_nodes():
+        if node.op_type == "Cast" and attr_int(node, "to", 0) == f16:
+            node.attributes["to"] = ir.AttrInt64("to", int(f32))
+            changed += 1
+        for name, attr in list(node.attributes.items()):
+            if attr.type == ir.AttributeType.TENSOR and attr.value.dtype == f16:
+                node.attributes[name] = ir.AttrTensor(name, ir.tensor(attr.value.numpy().astype(np.float32)))
+                changed += 1
+        for value in node.outputs:
+            if value.dtype == f16:
+                value.type = ir.TensorType(f32)
+    for value in list(model.graph.inputs) + list(model.graph.outputs) + list(model.graph.initializers.values()):
+        if value.dtype == f16:
+            value.type = ir.TensorType(f32)
+            changed += 1
+    return changed
 
 
 # --- shared signals --------------------------------------------------------------------------
@@ -258,6 +328,8 @@ def _lower_rotary(graph: ir.Graph, node: ir.Node, _signals, _cache) -> None:
     for name in ("num_heads", "rotary_embedding_dim"):
         if attr_int(node, name, 0):
             attrs[name] = attr_int(node, name, 0)
+    if x.shape is not None and x.shape.rank() == 3 and "num_heads" not in attrs:
+        attrs["num_heads"] = _rotary_heads(node)
     if x.shape is not None and x.shape.rank() == 4:  # contrib 4-D is BSHD, the standard op's is BHSD
         x_bhsd = tape.op("Transpose", [x], {"perm": [0, 2, 1, 3]})
         y = tape.op("Transpose", [tape.op("RotaryEmbedding", [x_bhsd, cos, sin, position_ids], attrs)],
@@ -265,6 +337,16 @@ def _lower_rotary(graph: ir.Graph, node: ir.Node, _signals, _cache) -> None:
     else:
         y = tape.op("RotaryEmbedding", [x, cos, sin, position_ids], attrs)
     _replace(graph, node, [(node.outputs[0], y)])
+
+
+def _rotary_heads(node: ir.Node) -> int:
+    """The contrib op infers heads from a 3-D input as hidden / (2 * cache width); the standard op needs them."""
+    hidden, width = node.inputs[0].shape[-1], _cache_width(node.inputs[2])
+    if not isinstance(hidden, int) or width is None or attr_int(node, "rotary_embedding_dim", 0) \
+            or hidden % (2 * width):
+        raise GraphError(f"{MS_DOMAIN} RotaryEmbedding node {node.name!r}: num_heads is not given and cannot be "
+                         "inferred (hidden size or cos_cache width unknown, or a partial rotary dim)")
+    return hidden // (2 * width)
 
 
 def _lower_gqa(graph: ir.Graph, node: ir.Node, signals: _MaskSignals, mask_cache: dict) -> None:
@@ -344,6 +426,61 @@ def _attr_float(node: ir.Node, name: str, default: float) -> float:
     return default if attr is None else float(attr.value)
 
 
-_LOWER = {"SimplifiedLayerNormalization": _lower_simplified_ln,
+def _lower_mha(graph: ir.Graph, node: ir.Node, _signals, _cache) -> None:
+    """MultiHeadAttention on 3-D q/k/v (+ attention_bias) -> the unfused scaled-dot-product form
+    (MatMul, scale, Add bias, Softmax, MatMul), which kvc's attention fusion turns into Attention
+    after tracing K/V back through the builder's repeat_kv to Concat(past, new)."""
+    heads = attr_int(node, "num_heads", 0)
+    query, key, value = node.inputs[:3]
+    head_dim = query.shape[-1] // heads
+    dtype = query.dtype or ir.DataType.FLOAT
+    tape = ir.tape.Tape(graph)
+    shape = tape.op("Constant", [], {"value": ir.tensor(np.array([0, 0, heads, head_dim], np.int64))})
+    q4 = tape.op("Transpose", [tape.op("Reshape", [query, shape])], {"perm": [0, 2, 1, 3]})
+    k_t = tape.op("Transpose", [tape.op("Reshape", [key, shape])], {"perm": [0, 2, 3, 1]})
+    v4 = tape.op("Transpose", [tape.op("Reshape", [value, shape])], {"perm": [0, 2, 1, 3]})
+    scale = _attr_float(node, "scale", 0.0) or 1.0 / math.sqrt(head_dim)
+    scores = tape.op("Mul", [tape.op("MatMul", [q4, k_t]),
+                             tape.op("Constant", [], {"value": ir.tensor(np.array(scale, dtype.numpy()))})])
+    bias = node.inputs[5] if len(node.inputs) > 5 else None
+    if bias is not None:
+        scores = tape.op("Add", [scores, bias])
+    probs = tape.op("Softmax", [scores], {"axis": -1})
+    merged = tape.op("Constant", [], {"value": ir.tensor(np.array([0, 0, heads * head_dim], np.int64))})
+    y = tape.op("Reshape", [tape.op("Transpose", [tape.op("MatMul", [probs, v4])], {"perm": [0, 2, 1, 3]}), merged])
+    _replace(graph, node, [(node.outputs[0], y)])
+
+
+def _rewrite_past_shapes(graph: ir.Graph) -> int:
+    """Shape(past_key_values.N.*) -> [batch, K, attention_mask width - input_ids length, D]: the builder's mask
+    subgraph reads the past length off the cache, which the ring form replaces by a fixed capacity."""
+    mask, ids = _graph_input(graph, ATTENTION_MASK), _graph_input(graph, INPUT_IDS)
+    shapes = [n for n in graph if n.op_type == "Shape" and n.domain == "" and n.inputs[0] is not None
+              and PAST_RE.match(n.inputs[0].name or "") and not n.attributes]
+    if not shapes or mask is None or ids is None:
+        return 0
+    for node in shapes:
+        past = node.inputs[0]
+        if past.shape is None or not isinstance(past.shape[1], int) or not isinstance(past.shape[3], int):
+            continue  # left for the ring pass to report
+        tape = ir.tape.Tape(graph)
+        batch = tape.op("Shape", [ids], {"start": 0, "end": 1})
+        past_len = tape.op("Sub", [tape.op("Shape", [mask], {"start": 1, "end": 2}),
+                                   tape.op("Shape", [ids], {"start": 1, "end": 2})])
+        heads = tape.op("Constant", [], {"value": ir.tensor(np.array([past.shape[1]], np.int64))})
+        size = tape.op("Constant", [], {"value": ir.tensor(np.array([past.shape[3]], np.int64))})
+        _replace(graph, node, [(node.outputs[0], tape.op("Concat", [batch, heads, past_len, size], {"axis": 0}))])
+    return len(shapes)
+
+
+def _fix_cache_head_size(graph: ir.Graph, head_dim: int) -> None:
+    """The builder names the caches' head-size dim (kv_cache_dim); the ring pass needs it fixed."""
+    for value in list(graph.inputs) + list(graph.outputs):
+        if (PAST_RE.match(value.name or "") or PRESENT_RE.match(value.name or "")) and value.shape is not None \
+                and value.shape.rank() == 4 and not isinstance(value.shape[3], int):
+            value.shape = ir.Shape([*list(value.shape)[:3], head_dim])
+
+
+_LOWER = {MHA: _lower_mha, "SimplifiedLayerNormalization": _lower_simplified_ln,
           "SkipSimplifiedLayerNormalization": _lower_skip_simplified_ln,
           "RotaryEmbedding": _lower_rotary, GQA: _lower_gqa}

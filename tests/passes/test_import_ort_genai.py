@@ -35,11 +35,12 @@ def fixtures():
 
 
 def _compile(name: str, out: Path, engine: str = "ort"):
+    kv_dtype = "fp32"
     from kvc.compiler.options import CompileOptions, Device, EngineKind
     from kvc.compiler.pipeline import compile_model
 
     return compile_model(DATA / name / "model.onnx", out,
-                         CompileOptions(engine=EngineKind(engine), device=Device("cpu"), max_seq_len=CAPACITY),
+                         CompileOptions(engine=EngineKind(engine), device=Device("cpu"), max_seq_len=CAPACITY, kv_dtype=kv_dtype),
                          progress=lambda *_: None)
 
 
