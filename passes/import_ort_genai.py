@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from kvc.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, PAST_RE, PRESENT_RE
+from kvc.contract import ATTENTION_MASK, INPUT_IDS, PAST_RE, POSITION_IDS, PRESENT_RE, cache_io_names
 from kvc.errors import GraphError
 from kvc.passes._patterns import ProbeError, SampleDims, attr_int, const_array, opset_version, run_slice
 from kvc.passes.base import KvcPass, PassReport
@@ -93,6 +93,7 @@ class ImportOrtGenaiPass(KvcPass):
         if mha_head_dim is not None:
             _fix_cache_head_size(model.graph, mha_head_dim)
         counts["Shape"] = _rewrite_past_shapes(model.graph)
+        _order_caches(model.graph)
         RemoveUnusedNodesPass()(model)
         model.graph.sort()
         if MS_DOMAIN in model.graph.opset_imports and not any(n.domain == MS_DOMAIN for n in model.graph.all_nodes()):
@@ -471,6 +472,20 @@ def _rewrite_past_shapes(graph: ir.Graph) -> int:
         size = tape.op("Constant", [], {"value": ir.tensor(np.array([past.shape[3]], np.int64))})
         _replace(graph, node, [(node.outputs[0], tape.op("Concat", [batch, heads, past_len, size], {"axis": 0}))])
     return len(shapes)
+
+
+def _order_caches(graph: ir.Graph) -> None:
+    """The builder lists all keys, then all values; kvc's engines bind caches layer by layer, key then value."""
+    layers = sum(1 for v in graph.inputs if PAST_RE.match(v.name or ""))
+    order = cache_io_names(layers // 2, with_scales=False)
+    for values, rank_of in ((graph.inputs, {name: i for i, (name, _) in enumerate(order)}),
+                            (graph.outputs, {name: i for i, (_, name) in enumerate(order)})):
+        caches = sorted((v for v in values if v.name in rank_of), key=lambda v: rank_of[v.name])
+        others = [v for v in values if v.name not in rank_of]
+        if len(caches) != len(order):
+            return  # unpaired caches: left for the ring pass to report
+        values.clear()
+        values.extend(others + caches)
 
 
 def _fix_cache_head_size(graph: ir.Graph, head_dim: int) -> None:

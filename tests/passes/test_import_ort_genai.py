@@ -82,3 +82,120 @@ def test_ort_engine_tokens_equal_transformers(name, fixtures, tmp_path):
                                                                    "TensorScatter")})
     for prompt in PROMPTS:
         assert _kvc_greedy(tmp_path / "out.kvc", prompt) == _hf_greedy(hf, prompt), prompt
+
+
+# --- the lowering alone, against ONNX Runtime running the builder's contrib ops -------------------
+
+def _lowered(name: str) -> ir.Model:
+    from kvc.passes.import_ort_genai import ImportOrtGenaiPass
+
+    model = ir.load(DATA / name / "model.onnx")
+    ImportOrtGenaiPass()(model)
+    return model
+
+
+def _run(model, feed: dict) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    outputs = session.run(None, {k: v for k, v in feed.items() if k in names})
+    return dict(zip([o.name for o in session.get_outputs()], outputs))
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("batch, past, seq", [(2, 0, 3), (1, 5, 3), (2, 5, 1)])
+def test_lowering_matches_onnxruntime_contrib_ops(name, batch, past, seq):
+    """Prefill (empty past), a 3-token chunk and a batched decode step after 5 random cached tokens
+    (GroupQueryAttention takes multi-token steps with a past at batch 1 only)."""
+    if name.endswith("fp16") and past:
+        pytest.skip("the builder's fp16-on-CPU graph (not a combination it supports) fails in ONNX Runtime with a "
+                    "past: its causal-mask Expand and declared shapes; kvc replaces that mask (tokens tested above)")
+    original = onnx.load(str(DATA / name / "model.onnx"))
+    rng = np.random.default_rng(past + seq)
+    config = json.loads((DATA / name / "config.json").read_text())
+    dtype = np.float16 if name.endswith("fp16") else np.float32
+    feed = {"input_ids": rng.integers(0, config["vocab_size"], (batch, seq)),
+            "attention_mask": np.ones((batch, past + seq), np.int64),
+            "position_ids": np.tile(np.arange(past, past + seq), (batch, 1))}
+    for layer in range(config["num_hidden_layers"]):
+        for kind in ("key", "value"):
+            feed[f"past_key_values.{layer}.{kind}"] = rng.standard_normal(
+                (batch, config["num_key_value_heads"], past, config["head_dim"])).astype(dtype)
+    want = _run(original, feed)
+    lowered = _lowered(name)
+    assert not [n for n in lowered.graph if n.domain == "com.microsoft"]
+    got = _run(lowered, {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in feed.items()})
+    tol = 2e-2 if dtype == np.float16 else 1e-4  # fp16: the builder rounds activations, kvc computes in fp32
+    assert sorted(want) == sorted(got)
+    for name_, w in want.items():
+        np.testing.assert_allclose(got[name_], w.astype(np.float32), rtol=tol, atol=tol, err_msg=name_)
+
+
+# --- refusals: one line naming the op or attribute ----------------------------------------------
+
+def _edited_fixture(tmp_path: Path, edit) -> Path:
+    model = onnx.load(str(DATA / "llama_fp32" / "model.onnx"))
+    edit(model)
+    (tmp_path / "m").mkdir()
+    onnx.save(model, str(tmp_path / "m" / "model.onnx"))
+    (tmp_path / "m" / "config.json").write_text((DATA / "llama_fp32" / "config.json").read_text())
+    return tmp_path / "m" / "model.onnx"
+
+
+def _set_gqa_attr(name: str, value):
+    def edit(model):
+        node = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
+        kept = [a for a in node.attribute if a.name != name]
+        del node.attribute[:]
+        node.attribute.extend(kept + [onnx.helper.make_attribute(name, value)])
+    return edit
+
+
+def _rename_first_mlp_matmul(model):
+    node = next(n for n in model.graph.node if n.op_type == "MatMul" and "mlp" in n.name)
+    node.op_type, node.domain = "MatMulNBits", "com.microsoft"
+
+
+@pytest.mark.parametrize("edit, fragments", [
+    (_set_gqa_attr("local_window_size", 4), ["GroupQueryAttention", "local_window_size=4", "sliding window"]),
+    (_set_gqa_attr("smooth_softmax", 1), ["GroupQueryAttention", "smooth_softmax=1"]),
+    (_set_gqa_attr("k_quant_type", "PER_TENSOR"), ["GroupQueryAttention", "k_quant_type"]),
+    (_rename_first_mlp_matmul, ["MatMulNBits", "contrib op"]),
+], ids=["window", "smooth_softmax", "quantized_cache", "matmulnbits"])
+def test_unsupported_contrib_forms_are_one_line(edit, fragments, tmp_path):
+    from click.testing import CliRunner
+
+    from kvc.cli.main import cli
+
+    path = _edited_fixture(tmp_path, edit)
+    result = CliRunner().invoke(cli, ["compile", str(path), "-o", str(tmp_path / "out.kvc")])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert not (tmp_path / "out.kvc").exists()
+
+
+def test_softcap_is_carried_into_attention():
+    from kvc.passes.import_ort_genai import ImportOrtGenaiPass
+
+    model = onnx.load(str(DATA / "llama_fp32" / "model.onnx"))
+    _set_gqa_attr("softcap", 30.0)(model)
+    lowered = ir.from_proto(model)
+    ImportOrtGenaiPass()(lowered)
+    caps = [n.attributes["softcap"].value for n in lowered.graph if n.op_type == "Attention" and "softcap" in n.attributes]
+    assert caps == [30.0]
+
+
+# --- TVM engine on one fixture -----------------------------------------------------------------
+
+def test_tvm_engine_tokens_equal_transformers(fixtures, tmp_path):
+    pytest.importorskip("tvm")
+    name = "mistral_window_fp32"
+    config = json.loads((DATA / name / "config.json").read_text())
+    hf = fixtures.hf_model(config)
+    _compile(name, tmp_path / "out.kvc", engine="tvm")
+    for prompt in PROMPTS:
+        assert _kvc_greedy(tmp_path / "out.kvc", prompt) == _hf_greedy(hf, prompt), prompt

@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 SEED = 1234
 VOCAB = 128
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+               num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
                rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
                pad_token_id=0)
 # name -> (HF config, builder precision)
