@@ -20,6 +20,8 @@ from typing import Any, Optional
 import onnx_ir as ir
 
 from kvc.compiler.options import CompileOptions
+from kvc.compiler.ortgenai_config import (GENAI_CONFIG_FILE, apply_genai_config, config_from_genai,
+                                          generation_defaults, read_genai_config)
 from kvc.contract import GENERATION_KEY, INPUT_IDS, MODEL_CONFIG_KEY, PAST_RE, KvDtype, past_name
 from kvc.errors import GraphError, KvcError
 from kvc.models.config import Family, ModelConfig
@@ -50,6 +52,9 @@ class ModelDescription:
 def describe_model(model: ir.Model, model_dir: Path, options: CompileOptions) -> ModelDescription:
     """Resolve the model description in the documented order (module docstring)."""
     config, source = model_config_for(model, options.config_path, model_dir)
+    genai = read_genai_config(model_dir)  # onnxruntime-genai builder output: its window lives there
+    if genai is not None:
+        config, source = apply_genai_config(config, source, genai)
     if options.sliding_window is not None:
         config = dataclasses.replace(config, sliding_window=options.sliding_window)
         source += f"; sliding window {options.sliding_window} from --sliding-window"
@@ -57,7 +62,8 @@ def describe_model(model: ir.Model, model_dir: Path, options: CompileOptions) ->
     blockers = config.ring_buffer_blockers(capacity)
     if blockers:
         raise GraphError(blockers[0])
-    return ModelDescription(config=config, config_source=source, generation=_generation(model_dir, model),
+    generation = _generation(model_dir, model) or (generation_defaults(genai) if genai is not None else {})
+    return ModelDescription(config=config, config_source=source, generation=generation,
                             capacity=capacity,
                             kv_dtype=options.kv_dtype, fp8_scales=_read_scales(options.kv_scales))
 
@@ -71,6 +77,9 @@ def model_config_for(model: ir.Model, config_path: Path | None,
         return ModelConfig.from_dict(json.loads(model.metadata_props[MODEL_CONFIG_KEY])), "kvc export metadata"
     if model_dir is not None and (model_dir / HF_CONFIG_FILE).is_file():
         return _hf_config(model_dir / HF_CONFIG_FILE)
+    genai = read_genai_config(model_dir) if model_dir is not None else None
+    if genai is not None:
+        return config_from_genai(model, genai), f"{GENAI_CONFIG_FILE} beside the model"
     return infer_config(model), "inferred from the graph (pass --config config.json for exact values)"
 
 

@@ -28,7 +28,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from kvc.contract import ATTENTION_MASK, INPUT_IDS, PAST_RE, POSITION_IDS, PRESENT_RE, cache_io_names
+from kvc.contract import (ATTENTION_MASK, INPUT_IDS, PAST_RE, POSITION_IDS, PRESENT_RE, cache_io_names, past_name,
+                          present_name)
 from kvc.errors import GraphError
 from kvc.passes._patterns import ProbeError, SampleDims, attr_int, const_array, opset_version, run_slice
 from kvc.passes.base import KvcPass, PassReport
@@ -159,7 +160,8 @@ def _refuse_mha_form(node: ir.Node, where: str) -> None:
     if any(v is None or v.shape is None or v.shape.rank() != 3 for v in node.inputs[:3]):
         raise GraphError(f"{where}: query, key and value are not 3-D [batch, sequence, hidden] tensors")
     width = node.inputs[0].shape[-1]
-    if not isinstance(width, int) or width % max(attr_int(node, "num_heads", 0), 1) or attr_int(node, "num_heads", 0) < 1:
+    heads = attr_int(node, "num_heads", 0)
+    if not isinstance(width, int) or heads < 1 or width % heads:
         raise GraphError(f"{where}: query width {width} is not num_heads x a fixed head size")
 
 
@@ -179,11 +181,11 @@ def _check_gqa_inputs(model: ir.Model, nodes: list[ir.Node]) -> None:
         past_k, past_v = node.inputs[3], node.inputs[4] if len(node.inputs) > 4 else None
         if past_k is None or past_v is None or not (PAST_RE.match(past_k.name or "")
                                                      and PAST_RE.match(past_v.name or "")):
-            raise GraphError(f"{where}: its past key/value are not past_key_values.N.key/value graph inputs; "
+            raise GraphError(f"{where}: its past key/value are not {past_name('N', 'key')}/value graph inputs; "
                              "re-build the model with a KV cache")
         if not all(o is not None and o.is_graph_output() and PRESENT_RE.match(o.name or "")
                    for o in node.outputs[1:3]):
-            raise GraphError(f"{where}: its present key/value are not present.N.key/value graph outputs")
+            raise GraphError(f"{where}: its present key/value are not {present_name('N', 'key')}/value graph outputs")
         if mask is None:
             raise GraphError(f"{where}: the graph has no {ATTENTION_MASK} input from which its seqlens_k and "
                              "total_sequence_length are computed; kvc cannot tell the sequence lengths")

@@ -78,8 +78,8 @@ def test_ort_engine_tokens_equal_transformers(name, fixtures, tmp_path):
     assert counts[("", "RMSNormalization")] == 2 * layers + 1
     assert counts[("", "TensorScatter")] == 2 * layers
     assert result.manifest.cache.sliding_window == config.get("sliding_window")
-    print(name, {op: n for (_, op), n in counts.items() if op in ("Attention", "RotaryEmbedding", "RMSNormalization",
-                                                                   "TensorScatter")})
+    fused = ("Attention", "RotaryEmbedding", "RMSNormalization", "TensorScatter")
+    print(name, {op: n for (_, op), n in counts.items() if op in fused})
     for prompt in PROMPTS:
         assert _kvc_greedy(tmp_path / "out.kvc", prompt) == _hf_greedy(hf, prompt), prompt
 
@@ -185,7 +185,8 @@ def test_softcap_is_carried_into_attention():
     _set_gqa_attr("softcap", 30.0)(model)
     lowered = ir.from_proto(model)
     ImportOrtGenaiPass()(lowered)
-    caps = [n.attributes["softcap"].value for n in lowered.graph if n.op_type == "Attention" and "softcap" in n.attributes]
+    caps = [n.attributes["softcap"].value for n in lowered.graph
+            if n.op_type == "Attention" and "softcap" in n.attributes]
     assert caps == [30.0]
 
 
@@ -199,3 +200,43 @@ def test_tvm_engine_tokens_equal_transformers(fixtures, tmp_path):
     _compile(name, tmp_path / "out.kvc", engine="tvm")
     for prompt in PROMPTS:
         assert _kvc_greedy(tmp_path / "out.kvc", prompt) == _hf_greedy(hf, prompt), prompt
+
+
+# --- the builder's own output folder: no config.json, the window only in genai_config.json ----------
+
+def _builder_folder(tmp_path: Path, name: str, config: dict | None = None) -> Path:
+    folder = tmp_path / "builder_out"
+    folder.mkdir()
+    for file in ("model.onnx", "genai_config.json"):
+        (folder / file).write_bytes((DATA / name / file).read_bytes())
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder / "model.onnx"
+
+
+def test_window_from_genai_config_alone(fixtures, tmp_path):
+    from kvc.compiler.options import CompileOptions
+    from kvc.compiler.pipeline import compile_model
+
+    name = "mistral_window_fp32"
+    config = json.loads((DATA / name / "config.json").read_text())
+    result = compile_model(_builder_folder(tmp_path, name), tmp_path / "out.kvc",
+                           CompileOptions(max_seq_len=CAPACITY), progress=lambda *_: None)
+    assert result.manifest.cache.sliding_window == config["sliding_window"] == 8
+    assert "genai_config.json" in result.config_source
+    assert result.manifest.generation.get("eos_token_id") == config["eos_token_id"]
+    hf = fixtures.hf_model(config)
+    prompt = PROMPTS[2]  # 21 tokens, past the 8-token window
+    assert _kvc_greedy(tmp_path / "out.kvc", prompt) == _hf_greedy(hf, prompt)
+
+
+def test_window_disagreeing_with_config_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from kvc.cli.main import cli
+
+    config = dict(json.loads((DATA / "mistral_window_fp32" / "config.json").read_text()), sliding_window=16)
+    path = _builder_folder(tmp_path, "mistral_window_fp32", config)
+    result = CliRunner().invoke(cli, ["compile", str(path), "-o", str(tmp_path / "out.kvc")])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and "sliding window of 8" in lines[0], result.stderr
