@@ -86,7 +86,7 @@ class ImportOrtGenaiPass(KvcPass):
         _upgrade_opset(model)
         upcast = _upcast_fp16(model)
         counts = {op: 0 for op in LOWERED}
-        signals = _signals(model.graph) if gqa else None
+        signals = _signals(model.graph) if gqa or mha else None
         mask_cache: dict[ir.DataType, ir.Value] = {}
         for node in contrib:
             _LOWER[node.op_type](model.graph, node, signals, mask_cache)
@@ -95,6 +95,7 @@ class ImportOrtGenaiPass(KvcPass):
             _fix_cache_head_size(model.graph, mha_head_dim)
         counts["Shape"] = _rewrite_past_shapes(model.graph)
         _order_caches(model.graph)
+        _forget_intermediate_shapes(model.graph)
         RemoveUnusedNodesPass()(model)
         model.graph.sort()
         if MS_DOMAIN in model.graph.opset_imports and not any(n.domain == MS_DOMAIN for n in model.graph.all_nodes()):
@@ -261,7 +262,7 @@ def _signals(graph: ir.Graph) -> _MaskSignals:
     return _MaskSignals(_graph_input(graph, ATTENTION_MASK), position_ids)
 
 
-def _concat_mask(graph: ir.Graph, signals: _MaskSignals, new_keys_BKSD: ir.Value, dtype: ir.DataType,
+def _concat_mask(graph: ir.Graph, signals: _MaskSignals, seq_1: ir.Value, dtype: ir.DataType,
                  cache: dict) -> ir.Value:
     """[B, 1, S, T] additive mask: query i (absolute T - S + i) sees key j iff j <= T - S + i and
     attention_mask[b, j] is 1 (GQA's causal, right-padded semantics)."""
@@ -274,7 +275,6 @@ def _concat_mask(graph: ir.Graph, signals: _MaskSignals, new_keys_BKSD: ir.Value
 
     zero, one = const(np.array(0, np.int64)), const(np.array(1, np.int64))
     total_1 = tape.op("Shape", [signals.attention_mask], {"start": 1, "end": 2})
-    seq_1 = tape.op("Shape", [new_keys_BKSD], {"start": 2, "end": 3})
     keys_T = tape.op("Range", [zero, tape.op("Squeeze", [total_1]), one])
     offset = tape.op("Sub", [total_1, seq_1])
     queries_S1 = tape.op("Unsqueeze", [tape.op("Add", [tape.op("Range", [zero, tape.op("Squeeze", [seq_1]), one]),
@@ -368,7 +368,8 @@ def _lower_gqa(graph: ir.Graph, node: ir.Node, signals: _MaskSignals, mask_cache
         k = tape.op("RotaryEmbedding", [k, cos, sin, signals.position_ids], {**rotary, "num_heads": kv_heads})
     q4, k4, v4 = (_to_heads_first(tape, t, n, head_dim) for t, n in ((q, heads), (k, kv_heads), (v, kv_heads)))
     dtype = past_key.dtype or ir.DataType.FLOAT
-    mask = _concat_mask(graph, signals, k4, dtype, mask_cache)
+    seq_1 = ir.tape.Tape(graph).op("Shape", [k4], {"start": 2, "end": 3})
+    mask = _concat_mask(graph, signals, seq_1, dtype, mask_cache)
     tape = ir.tape.Tape(graph)
     scale = _attr_float(node, "scale", 0.0) or 1.0 / math.sqrt(head_dim)
     attrs = {"scale": scale}
@@ -429,10 +430,12 @@ def _attr_float(node: ir.Node, name: str, default: float) -> float:
     return default if attr is None else float(attr.value)
 
 
-def _lower_mha(graph: ir.Graph, node: ir.Node, _signals, _cache) -> None:
+def _lower_mha(graph: ir.Graph, node: ir.Node, signals: _MaskSignals, mask_cache: dict) -> None:
     """MultiHeadAttention on 3-D q/k/v (+ attention_bias) -> the unfused scaled-dot-product form
     (MatMul, scale, Add bias, Softmax, MatMul), which kvc's attention fusion turns into Attention
-    after tracing K/V back through the builder's repeat_kv to Concat(past, new)."""
+    after tracing K/V back through the builder's repeat_kv to Concat(past, new). With an attention_mask
+    input, the bias is rebuilt from it (causal + padding): the builder's own fp16-on-CPU mask subgraph
+    fails in ONNX Runtime for multi-token steps with a past."""
     heads = attr_int(node, "num_heads", 0)
     query, key, value = node.inputs[:3]
     head_dim = query.shape[-1] // heads
@@ -446,6 +449,9 @@ def _lower_mha(graph: ir.Graph, node: ir.Node, _signals, _cache) -> None:
     scores = tape.op("Mul", [tape.op("MatMul", [q4, k_t]),
                              tape.op("Constant", [], {"value": ir.tensor(np.array(scale, dtype.numpy()))})])
     bias = node.inputs[5] if len(node.inputs) > 5 else None
+    if bias is not None and signals.attention_mask is not None:
+        seq_1 = tape.op("Shape", [query], {"start": 1, "end": 2})
+        bias = _concat_mask(graph, signals, seq_1, dtype, mask_cache)
     if bias is not None:
         scores = tape.op("Add", [scores, bias])
     probs = tape.op("Softmax", [scores], {"axis": -1})
@@ -474,6 +480,16 @@ def _rewrite_past_shapes(graph: ir.Graph) -> int:
         size = tape.op("Constant", [], {"value": ir.tensor(np.array([past.shape[3]], np.int64))})
         _replace(graph, node, [(node.outputs[0], tape.op("Concat", [batch, heads, past_len, size], {"axis": 0}))])
     return len(shapes)
+
+
+def _forget_intermediate_shapes(graph: ir.Graph) -> None:
+    """The builder declares intermediate shapes with dim names that do not always hold (its repeat_kv outputs
+    reuse the new tokens' length for the total length), and ONNX Runtime plans buffers by them: drop them
+    all; canonicalize infers them again."""
+    for node in graph:
+        for value in node.outputs:
+            if not value.is_graph_output():
+                value.shape = None
 
 
 def _order_caches(graph: ir.Graph) -> None:

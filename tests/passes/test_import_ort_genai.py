@@ -111,7 +111,8 @@ def test_lowering_matches_onnxruntime_contrib_ops(name, batch, past, seq):
     (GroupQueryAttention takes multi-token steps with a past at batch 1 only)."""
     if name.endswith("fp16") and past:
         pytest.skip("the builder's fp16-on-CPU graph (not a combination it supports) fails in ONNX Runtime with a "
-                    "past: its causal-mask Expand and declared shapes; kvc replaces that mask (tokens tested above)")
+                    "past (its causal-mask Expand, its declared shapes); the import rebuilds that mask and drops "
+                    "those shapes: covered by the tokens and --verify tests")
     original = onnx.load(str(DATA / name / "model.onnx"))
     rng = np.random.default_rng(past + seq)
     config = json.loads((DATA / name / "config.json").read_text())
@@ -131,6 +132,17 @@ def test_lowering_matches_onnxruntime_contrib_ops(name, batch, past, seq):
     assert sorted(want) == sorted(got)
     for name_, w in want.items():
         np.testing.assert_allclose(got[name_], w.astype(np.float32), rtol=tol, atol=tol, err_msg=name_)
+
+
+def test_verify_runs_on_imported_graphs(tmp_path):
+    """--verify runs every I/O-preserving pass after the import in ONNX Runtime, past included."""
+    from kvc.compiler.options import CompileOptions
+    from kvc.compiler.pipeline import compile_model
+
+    result = compile_model(DATA / "llama_fp16" / "model.onnx", tmp_path / "out.kvc",
+                           CompileOptions(max_seq_len=CAPACITY, verify=True), progress=lambda *_: None)
+    diffs = {r.name: r.max_abs_diff for r in result.reports if r.max_abs_diff is not None}
+    assert diffs["attention"] is not None and max(diffs.values()) < 1e-4, diffs
 
 
 # --- refusals: one line naming the op or attribute ----------------------------------------------
