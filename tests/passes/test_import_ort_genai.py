@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "ortgenai"
-CASES = ["llama_fp32", "qwen2_fp32", "mistral_window_fp32", "llama_fp16"]
+CASES = ["llama_fp32", "qwen2_fp32", "qwen3_fp32", "mistral_window_fp32", "llama_fp16"]
 PROMPTS = [[1, 5, 17, 99], [1, 3, 42, 8, 100, 61, 7, 19, 33, 12, 90, 4, 77], [1] + list(range(20, 40))]
 CAPACITY, NEW_TOKENS = 64, 32
 
@@ -75,7 +75,8 @@ def test_ort_engine_tokens_equal_transformers(name, fixtures, tmp_path):
     assert not [op for (domain, op) in counts if domain == "com.microsoft" or op == "SimplifiedLayerNormalization"]
     assert counts[("", "Attention")] == layers
     assert counts[("", "RotaryEmbedding")] == 2 * layers
-    assert counts[("", "RMSNormalization")] == 2 * layers + 1
+    qk_norms = 2 * layers if config["model_type"] == "qwen3" else 0
+    assert counts[("", "RMSNormalization")] == 2 * layers + 1 + qk_norms
     assert counts[("", "TensorScatter")] == 2 * layers
     assert result.manifest.cache.sliding_window == config.get("sliding_window")
     fused = ("Attention", "RotaryEmbedding", "RMSNormalization", "TensorScatter")

@@ -22,8 +22,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 SEED = 1234
 VOCAB = 128
-_COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-               num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+               num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
                rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
                pad_token_id=0)
 # name -> (HF config, builder precision)
@@ -32,6 +32,7 @@ CASES: dict[str, tuple[dict, str]] = {
     "llama_fp16": (dict(_COMMON, model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=10000.0), "fp16"),
     "qwen2_fp32": (dict(_COMMON, model_type="qwen2", architectures=["Qwen2ForCausalLM"], rope_theta=10000.0,
                         use_sliding_window=False), "fp32"),
+    "qwen3_fp32": (dict(_COMMON, model_type="qwen3", architectures=["Qwen3ForCausalLM"], rope_theta=10000.0), "fp32"),
     "mistral_window_fp32": (dict(_COMMON, model_type="mistral", architectures=["MistralForCausalLM"],
                                  rope_theta=10000.0, sliding_window=8), "fp32"),
 }
