@@ -38,8 +38,9 @@ MS_DOMAIN = "com.microsoft"
 TARGET_OPSET = 23  # Attention, RotaryEmbedding, RMSNormalization
 GQA = "GroupQueryAttention"
 MHA = "MultiHeadAttention"
+NBITS = "MatMulNBits"
 ONNX_DOMAIN_CONTRIB = ("SimplifiedLayerNormalization",)  # ONNX Runtime's, though in the default domain
-LOWERED = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding", GQA, MHA)
+LOWERED = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding", GQA, MHA, NBITS)
 # Attributes each contrib op may carry, with the values the standard form expresses (None: any value).
 _ALLOWED_ATTRS = {
     "SimplifiedLayerNormalization": {"axis": None, "epsilon": None, "stash_type": None},
@@ -49,6 +50,7 @@ _ALLOWED_ATTRS = {
     GQA: {"num_heads": None, "kv_num_heads": None, "scale": None, "softcap": None, "local_window_size": (-1,),
           "do_rotary": None, "rotary_interleaved": None, "smooth_softmax": (0,), "qk_output": (0,)},
     MHA: {"num_heads": None, "scale": None, "mask_filter_value": None, "unidirectional": (0,)},
+    NBITS: {"K": None, "N": None, "bits": (4, 8), "block_size": None, "accuracy_level": None},
 }
 _WHY = {"local_window_size": "a per-layer sliding window inside the graph",
         "smooth_softmax": "smooth softmax (an extra zero logit)", "qk_output": "exposed attention scores",
@@ -137,6 +139,8 @@ def _refuse_unsupported(nodes: list[ir.Node]) -> None:
                     raise GraphError(f"{where}: input {index} ({what}) is not supported by kvc's import")
         if node.op_type == MHA:
             _refuse_mha_form(node, where)
+        if node.op_type == NBITS:
+            _refuse_nbits_form(node, where)
         if node.op_type == "RotaryEmbedding" and node.inputs[0].shape is not None \
                 and node.inputs[0].shape.rank() == 3 and not attr_int(node, "num_heads", 0):
             _rotary_heads(node)
@@ -164,6 +168,16 @@ def _refuse_mha_form(node: ir.Node, where: str) -> None:
     heads = attr_int(node, "num_heads", 0)
     if not isinstance(width, int) or heads < 1 or width % heads:
         raise GraphError(f"{where}: query width {width} is not num_heads x a fixed head size")
+
+
+def _refuse_nbits_form(node: ir.Node, where: str) -> None:
+    if len(node.inputs) > 4 and node.inputs[4] is not None:
+        raise GraphError(f"{where}: input 4 (g_idx, act-order quantization) is not supported by kvc's import")
+    if any(const_array(v) is None for v in node.inputs[1:3]):
+        raise GraphError(f"{where}: its quantized weights or scales are not constants")
+    zero_points = node.inputs[3] if len(node.inputs) > 3 else None
+    if zero_points is not None and (const_array(zero_points) is None or zero_points.dtype != ir.DataType.UINT8):
+        raise GraphError(f"{where}: zero points that are not packed uint8 constants are not supported")
 
 
 def _mha_head_dim(nodes: list[ir.Node]) -> int:
@@ -506,6 +520,47 @@ def _order_caches(graph: ir.Graph) -> None:
         values.extend(others + caches)
 
 
+def _lower_nbits(graph: ir.Graph, node: ir.Node, _signals, _cache) -> None:
+    """MatMulNBits -> MatMul with the weights dequantized at compile time (exact: (q - zero) * scale per block).
+    The weights are then stored in the activations' float type: correct on both engines, without the
+    int4/int8 memory saving."""
+    a = node.inputs[0]
+    weight_KN = _dequantize_nbits(node).astype((a.dtype or ir.DataType.FLOAT).numpy())
+    name = f"{node.inputs[1].name}_dequantized"
+    weight = ir.Value(name=name, shape=ir.Shape(list(weight_KN.shape)), type=ir.TensorType(ir.DataType(a.dtype)),
+                      const_value=ir.tensor(weight_KN, name=name))
+    graph.register_initializer(weight)
+    tape = ir.tape.Tape(graph)
+    y = tape.op("MatMul", [a, weight])
+    if len(node.inputs) > 5 and node.inputs[5] is not None:
+        y = tape.op("Add", [y, node.inputs[5]])
+    _replace(graph, node, [(node.outputs[0], y)])
+
+
+def _dequantize_nbits(node: ir.Node) -> np.ndarray:
+    """[K, N] float weights of a MatMulNBits node (B: [N, blocks, block_size * bits / 8] uint8, low bits first)."""
+    k, n = attr_int(node, "K", 0), attr_int(node, "N", 0)
+    bits, block = attr_int(node, "bits", 4), attr_int(node, "block_size", 32)
+    blocks = -(-k // block)
+    packed = const_array(node.inputs[1]).reshape(n, blocks, -1)
+    scales = const_array(node.inputs[2]).astype(np.float32).reshape(n, blocks)
+    quantized = _unpack(packed, bits).reshape(n, blocks, block).astype(np.float32)
+    zero_points = node.inputs[3] if len(node.inputs) > 3 else None
+    if zero_points is None:
+        zeros = np.full((n, blocks), 2 ** (bits - 1), np.float32)
+    else:
+        zeros = _unpack(const_array(zero_points).reshape(n, -1), bits)[:, :blocks].astype(np.float32)
+    weight_NK = ((quantized - zeros[..., None]) * scales[..., None]).reshape(n, blocks * block)[:, :k]
+    return np.ascontiguousarray(weight_NK.T)
+
+
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 8:
+        return packed
+    low, high = packed & 0x0F, packed >> 4
+    return np.stack([low, high], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
 def _fix_cache_head_size(graph: ir.Graph, head_dim: int) -> None:
     """The builder names the caches' head-size dim (kv_cache_dim); the ring pass needs it fixed."""
     for value in list(graph.inputs) + list(graph.outputs):
@@ -514,6 +569,6 @@ def _fix_cache_head_size(graph: ir.Graph, head_dim: int) -> None:
             value.shape = ir.Shape([*list(value.shape)[:3], head_dim])
 
 
-_LOWER = {MHA: _lower_mha, "SimplifiedLayerNormalization": _lower_simplified_ln,
+_LOWER = {MHA: _lower_mha, NBITS: _lower_nbits, "SimplifiedLayerNormalization": _lower_simplified_ln,
           "SkipSimplifiedLayerNormalization": _lower_skip_simplified_ln,
           "RotaryEmbedding": _lower_rotary, GQA: _lower_gqa}

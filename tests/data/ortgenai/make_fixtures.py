@@ -26,13 +26,16 @@ _COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidde
                num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
                rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
                pad_token_id=0)
-# name -> (HF config, builder precision)
+# name -> (HF config, builder precision); int4 weights with fp32 activations (accuracy_level=1), so ONNX Runtime's
+# MatMulNBits computes what its dequantized weights say
+EXTRA_OPTIONS = {"int4": ["--extra_options", "accuracy_level=1"]}
 CASES: dict[str, tuple[dict, str]] = {
     "llama_fp32": (dict(_COMMON, model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=10000.0), "fp32"),
     "llama_fp16": (dict(_COMMON, model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=10000.0), "fp16"),
     "qwen2_fp32": (dict(_COMMON, model_type="qwen2", architectures=["Qwen2ForCausalLM"], rope_theta=10000.0,
                         use_sliding_window=False), "fp32"),
     "qwen3_fp32": (dict(_COMMON, model_type="qwen3", architectures=["Qwen3ForCausalLM"], rope_theta=10000.0), "fp32"),
+    "llama_int4": (dict(_COMMON, model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=10000.0), "int4"),
     "mistral_window_fp32": (dict(_COMMON, model_type="mistral", architectures=["MistralForCausalLM"],
                                  rope_theta=10000.0, sliding_window=8), "fp32"),
 }
@@ -86,7 +89,8 @@ def build(name: str, config_dict: dict, precision: str, work: Path) -> None:
     _tokenizer(checkpoint)
     out = work / f"{name}_onnx"
     subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out),
-                    "-p", precision, "-e", "cpu", "-c", str(work / "cache")], check=True)
+                    "-p", precision, "-e", "cpu", "-c", str(work / "cache"), *EXTRA_OPTIONS.get(precision, [])],
+                   check=True)
     target = HERE / name
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir()
