@@ -1,6 +1,8 @@
 """onnxruntime-genai model-builder graphs (tests/data/ortgenai, made by make_fixtures.py with
-onnxruntime-genai 0.18) -> kvc compile -> 32 greedy tokens equal transformers' generate on 3 prompts,
-one longer than Mistral's 8-token window; fused-op counts; refusals in one line."""
+onnxruntime-genai 0.18: llama / qwen2 / qwen3 / mistral-with-window fp32, llama fp16, llama int4)
+-> kvc compile -> 32 greedy tokens equal transformers' generate on 3 prompts, one longer than Mistral's
+8-token window (int4: equal to ONNX Runtime's greedy loop on the builder graph); ORT and TVM engines;
+fused-op counts; the import alone against ONNX Runtime's contrib ops; refusals in one line."""
 from __future__ import annotations
 
 import importlib.util
@@ -35,12 +37,11 @@ def fixtures():
 
 
 def _compile(name: str, out: Path, engine: str = "ort"):
-    kv_dtype = "fp32"
     from kvc.compiler.options import CompileOptions, Device, EngineKind
     from kvc.compiler.pipeline import compile_model
 
     return compile_model(DATA / name / "model.onnx", out,
-                         CompileOptions(engine=EngineKind(engine), device=Device("cpu"), max_seq_len=CAPACITY, kv_dtype=kv_dtype),
+                         CompileOptions(engine=EngineKind(engine), device=Device("cpu"), max_seq_len=CAPACITY),
                          progress=lambda *_: None)
 
 

@@ -2,7 +2,9 @@
 
     /work/peers/venv/bin/python tests/data/ortgenai/make_fixtures.py
 
-For each case: a tiny transformers checkpoint (config from CASES, weights from ``seeded_weights``,
+Cases: llama, qwen2, qwen3, mistral (8-token window) fp32; llama fp16 (the builder's MultiHeadAttention
+form, as fp16 is not a CPU combination it supports); llama int4 (MatMulNBits). For each case: a tiny
+transformers checkpoint (config from CASES, weights from ``seeded_weights``,
 a numpy generator, so the suite's transformers regenerates the same model without torch's init),
 a word-level tokenizer, then ``python -m onnxruntime_genai.models.builder -p <precision> -e cpu``.
 Kept per case: model.onnx (weights inline), genai_config.json and the HF config.json beside it
