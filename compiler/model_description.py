@@ -4,7 +4,8 @@ Sources, in this order (the first that says something wins):
   1. the user's options: --sliding-window, --max-seq-len (capacity), --kv-dtype, --kv-scales;
   2. --config CONFIG (an HF config.json, or a directory holding one);
   3. the graph's metadata (kvc.contract.MODEL_CONFIG_KEY, written by kvc export);
-  4. config.json beside the model file (optimum and other exporters write one);
+  4. config.json beside the model file (optimum and other exporters write one), else
+     genai_config.json (onnxruntime-genai's builder; its window applies whichever config won);
   5. inference from the graph's shapes (enough for the manifest and the planner).
 Generation defaults (EOS ids, BOS id, whether text gets BOS, sampling values), each key from the first
 source that has it (kvc.compiler.generation_files reads the files, bounded):
@@ -12,7 +13,8 @@ source that has it (kvc.compiler.generation_files reads the files, bounded):
   2. the graph's kvc.contract.GENERATION_KEY metadata (kvc export);
   3. tokenizer_config.json beside the model: eos_token / bos_token (text, mapped to ids through its
      added_tokens_decoder or tokenizer.json) and add_bos_token;
-  4. the model config resolved above (its eos_token_id / bos_token_id);
+  4. genai_config.json beside the model (onnxruntime-genai's builder output);
+  5. the model config resolved above (its eos_token_id / bos_token_id);
   and, when BOS is known but no source says whether text gets it, tokenizer.json's post-processor.
 The chat template is not resolved here: tokenizer_config.json and chat_template.jinja are copied into the
 artifact, where the runtime reads them.
@@ -28,6 +30,8 @@ from typing import Any, Optional
 import onnx_ir as ir
 
 from kvc.compiler.options import CompileOptions
+from kvc.compiler.ortgenai_config import (GENAI_CONFIG_FILE, apply_genai_config, config_from_genai,
+                                          generation_defaults, read_genai_config)
 from kvc.contract import GENERATION_KEY, INPUT_IDS, MODEL_CONFIG_KEY, PAST_RE, KvDtype, past_name
 from kvc.errors import GraphError, KvcError
 from kvc.models.config import Family, ModelConfig
@@ -59,6 +63,9 @@ class ModelDescription:
 def describe_model(model: ir.Model, model_dir: Path, options: CompileOptions) -> ModelDescription:
     """Resolve the model description in the documented order (module docstring)."""
     config, source = model_config_for(model, options.config_path, model_dir)
+    genai = read_genai_config(model_dir)  # onnxruntime-genai builder output: its window lives there
+    if genai is not None:
+        config, source = apply_genai_config(config, source, genai)
     original_window = config.sliding_window
     if options.sliding_window is not None:
         config = dataclasses.replace(config, sliding_window=options.sliding_window)
@@ -68,7 +75,7 @@ def describe_model(model: ir.Model, model_dir: Path, options: CompileOptions) ->
     if blockers:
         raise GraphError(blockers[0])
     return ModelDescription(config=config, original_window=original_window, config_source=source,
-                            generation=_generation(model_dir, model, config),
+                            generation=_generation(model_dir, model, config, genai),
                             capacity=capacity,
                             kv_dtype=options.kv_dtype, fp8_scales=_read_scales(options.kv_scales))
 
@@ -82,6 +89,9 @@ def model_config_for(model: ir.Model, config_path: Path | None,
         return ModelConfig.from_dict(json.loads(model.metadata_props[MODEL_CONFIG_KEY])), "kvc export metadata"
     if model_dir is not None and (model_dir / HF_CONFIG_FILE).is_file():
         return _hf_config(model_dir / HF_CONFIG_FILE, model)
+    genai = read_genai_config(model_dir) if model_dir is not None else None
+    if genai is not None:
+        return config_from_genai(model, genai), f"{GENAI_CONFIG_FILE} beside the model"
     return infer_config(model), "inferred from the graph (pass --config config.json for exact values)"
 
 
@@ -117,7 +127,8 @@ def _check_cache_geometry(config: ModelConfig, model: ir.Model, path: Path) -> N
                              "config.json of this model")
 
 
-def _generation(model_dir: Path, model: ir.Model, config: ModelConfig) -> dict[str, Any]:
+def _generation(model_dir: Path, model: ir.Model, config: ModelConfig,
+                genai: Optional[dict[str, Any]]) -> dict[str, Any]:
     """Generation defaults, each key from the first source that has it (module docstring)."""
     from kvc.compiler import generation_files as gf
 
@@ -133,6 +144,8 @@ def _generation(model_dir: Path, model: ir.Model, config: ModelConfig) -> dict[s
     tok_config = gf.read_beside(model_dir, gf.TOKENIZER_CONFIG_FILE)
     if tok_config is not None:
         sources.append((gf.from_tokenizer_files(model_dir, tok_config), str(model_dir / gf.TOKENIZER_CONFIG_FILE)))
+    if genai is not None:
+        sources.append((gf.from_generation_config(generation_defaults(genai)), str(model_dir / GENAI_CONFIG_FILE)))
     from_config = {gf.EOS_IDS: list(config.eos_token_ids)} if config.eos_token_ids else {}
     if config.bos_token_id is not None:
         from_config[gf.BOS_ID] = config.bos_token_id

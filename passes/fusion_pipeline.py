@@ -15,8 +15,9 @@ from kvc.passes.canonicalize import CanonicalizePass
 from kvc.passes.fuse_attention import FuseAttentionPass
 from kvc.passes.fuse_rms_norm import FuseRmsNormPass
 from kvc.passes.fuse_rotary import FuseRotaryPass
+from kvc.passes.import_ort_genai import ImportOrtGenaiPass
 
-FUSION_PASSES: list[type[KvcPass]] = [CanonicalizePass, FuseRmsNormPass, FuseRotaryPass, FuseAttentionPass]
+FUSION_PASSES: list[type[KvcPass]] = [ImportOrtGenaiPass, CanonicalizePass, FuseRmsNormPass, FuseRotaryPass, FuseAttentionPass]
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ def test_dump_passes_and_verify_report_each_pass(exported, tmp_path):
                                       "--dump-passes", str(dump), "--verify"])
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in dump.glob("*.onnx"))
-    lowering = [f"{i:02d}_{p.name}.onnx" for i, p in enumerate(lowering_passes("ort"), start=7)]
-    assert names == ["00_input.onnx", "01_canonicalize.onnx", "02_rms_norm.onnx", "03_rotary.onnx",
-                     "04_attention.onnx", "05_kv_ring_buffer.onnx", "06_kv_quantize.onnx", *lowering]
-    fused = onnx.load(str(dump / "04_attention.onnx"))
+    lowering = [f"{i:02d}_{p.name}.onnx" for i, p in enumerate(lowering_passes("ort"), start=8)]
+    assert names == ["00_input.onnx", "01_import_ort_genai.onnx", "02_canonicalize.onnx", "03_rms_norm.onnx",
+                     "04_rotary.onnx", "05_attention.onnx", "06_kv_ring_buffer.onnx", "07_kv_quantize.onnx", *lowering]
+    fused = onnx.load(str(dump / "05_attention.onnx"))
     assert sum(n.op_type == "Attention" for n in fused.graph.node) == 2
     # Each I/O-preserving pass was run against its input in ONNX Runtime on random inputs.
     for name in ("canonicalize", "rms_norm", "rotary", "attention"):
