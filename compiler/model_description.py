@@ -44,7 +44,8 @@ HF_CONFIG_FILE = "config.json"
 @dataclass(frozen=True)
 class ModelDescription:
     config: ModelConfig  # with the user's overrides applied (e.g. its sliding_window)
-    original_window: Optional[int]  # the model's own window, before --sliding-window
+    original_window: Optional[int]  # the window the input graph applies itself (the model's own)
+    added_window: Optional[int]  # a window kvc applies that the input graph does not (--sliding-window, genai_config)
     config_source: str  # where the config came from, for the user
     generation: dict[str, Any]  # generation defaults (eos, bos, chat template)
     capacity: int  # ring slots per sequence
@@ -64,17 +65,21 @@ def describe_model(model: ir.Model, model_dir: Path, options: CompileOptions) ->
     """Resolve the model description in the documented order (module docstring)."""
     config, source = model_config_for(model, options.config_path, model_dir)
     genai = read_genai_config(model_dir)  # onnxruntime-genai builder output: its window lives there
+    # A builder graph never applies a window itself (import_ort_genai refuses in-graph windows): kvc adds it.
+    original_window = config.sliding_window if genai is None else None
     if genai is not None:
         config, source = apply_genai_config(config, source, genai)
-    original_window = config.sliding_window
+    added_window = config.sliding_window if genai is not None else None
     if options.sliding_window is not None:
+        added_window = options.sliding_window
         config = dataclasses.replace(config, sliding_window=options.sliding_window)
         source += f"; sliding window {options.sliding_window} from --sliding-window"
     capacity = options.capacity_for(config.max_position_embeddings)
     blockers = config.ring_buffer_blockers(capacity)
     if blockers:
         raise GraphError(blockers[0])
-    return ModelDescription(config=config, original_window=original_window, config_source=source,
+    return ModelDescription(config=config, original_window=original_window, added_window=added_window,
+                            config_source=source,
                             generation=_generation(model_dir, model, config, genai),
                             capacity=capacity,
                             kv_dtype=options.kv_dtype, fp8_scales=_read_scales(options.kv_scales))

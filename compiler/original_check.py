@@ -48,12 +48,13 @@ class OriginalCheck:
     @classmethod
     def prepare(cls, onnx_path: Path, description: "ModelDescription",
                 options: "CompileOptions") -> "OriginalCheck | None":
-        """None with --no-check. The window the original applies is the model's own, not --sliding-window."""
+        """None with --no-check. The original applies only its own window, not one kvc adds
+        (--sliding-window, an onnxruntime-genai builder's genai_config.json)."""
         if not options.check:
             return None
         config = description.config
         plan = plan_check(config.vocab_size, description.capacity, description.max_positions,
-                          description.original_window, options.sliding_window)
+                          description.original_window, description.added_window)
         return cls(plan, reference_logits(onnx_path, plan, config.num_kv_heads, config.resolved_head_dim))
 
     def against(self, artifact: Path, options: "CompileOptions") -> "CheckResult":
@@ -108,13 +109,13 @@ def plan_check(vocab_size: int, capacity: int, max_positions: int, window: Optio
 
     ``window``: the original graph's own sliding window. With W <= capacity C the ring's wrap is exact
     (tokens it overwrites are outside every window), so the decode steps cross C (the prompt, C - 1 tokens,
-    already crosses W); else they cross W when W < C; else they stay within C. ``override``: a window the
-    user set (--sliding-window) that the original graph does not apply: the two agree only before it binds,
-    so the check stays within min(override, window)."""
+    already crosses W); else they cross W when W < C; else they stay within C. ``override``: a window kvc
+    adds (--sliding-window, genai_config.json) that the original graph does not apply: the two agree only
+    before it binds, so the check stays within min(override, window)."""
     if override is not None:
         limit = min(capacity, max_positions, override, window or override)
-        return _random_plan(vocab_size, limit, seed, f"within --sliding-window {override}, which the original "
-                                                      "graph does not apply")
+        return _random_plan(vocab_size, limit, seed, f"within the added sliding window of {override}, which the "
+                                                      "original graph does not apply")
     if window is None or window > capacity:
         wider = f" (the window of {window} is wider)" if window is not None else ""
         return _random_plan(vocab_size, min(capacity, max_positions), seed, f"within capacity {capacity}{wider}")

@@ -35,8 +35,9 @@ def compile_model(onnx_path: Path, output: Path, options: CompileOptions, overwr
     model = load_model_checked(onnx_path)
     description = describe_model(model, onnx_path.parent, options)
     passes = default_passes(pipeline_options(description)) + lowering_passes(options.engine)
-    check = OriginalCheck.prepare(onnx_path, description, options)  # before the passes: fails fast
     reports = run_passes(model, passes, options.dump_passes, _verifier(options))
+    # after the passes, whose refusals name what they cannot express (the original may fail to run as well)
+    check = OriginalCheck.prepare(onnx_path, description, options)
     entry_graphs, entry_reports = lower_entries(model, options.engine, options.dump_passes, len(passes) + 1)
     reports += entry_reports
     for r in reports:

@@ -270,7 +270,7 @@ def test_window_from_genai_config_alone(fixtures, tmp_path):
                            CompileOptions(max_seq_len=CAPACITY), progress=lambda *_: None)
     assert result.manifest.cache.sliding_window == config["sliding_window"] == 8
     assert "genai_config.json" in result.config_source
-    assert result.manifest.generation.get("eos_token_id") == config["eos_token_id"]
+    assert result.manifest.generation.get("eos_token_ids") == [config["eos_token_id"]]
     hf = fixtures.hf_model(config)
     prompt = PROMPTS[2]  # 21 tokens, past the 8-token window
     assert _kvc_greedy(tmp_path / "out.kvc", prompt) == _hf_greedy(hf, prompt)
