@@ -13,7 +13,7 @@ Patterns (q: constant int4/uint4/int8/uint8 codes, s: float scales, zp: optional
   Gather(DequantizeLinear(q [V, H] 4-bit, s [V, H/B], zp, axis=1, block_size=B), ids)
   -> GatherBlockQuantized(q, ids, s, zp; gather_axis=0, quantize_axis=1, block_size=B, bits=4)
 MatMulNBits stores unsigned codes: signed codes are shifted by 2^(bits-1), its default zero point.
-K not a multiple of the block (MatMulNBits needs whole blocks) is left as is, with a note.
+K not a multiple of the block: the last block is padded (MatMulNBits reads ceil(K / B) blocks).
 """
 from __future__ import annotations
 
@@ -40,9 +40,6 @@ class LowerOrtMatMulNBitsPass(KvcPass):
                 if found is None:
                     continue
                 dq, axis = found
-                if _k_remainder(dq, axis):
-                    report.notes.append(f"{node.name}: K is not a multiple of the block; left unlowered")
-                    continue
                 if id(dq) not in packed:
                     packed[id(dq)] = _pack(graph, dq, axis)
                 _replace_matmul(graph, node, dq, packed[id(dq)])
@@ -95,10 +92,6 @@ def _axis(dq: ir.Node) -> int:
     return dq.attributes.get_int("axis", 1) % 2
 
 
-def _k_remainder(dq: ir.Node, axis: int) -> int:
-    return int(dq.inputs[0].shape[axis]) % dq.attributes.get_int("block_size")
-
-
 def _unsigned_nk(dq: ir.Node, axis: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """(codes [N, K], zero points [N, K/B] or None, scales [N, K/B]) as MatMulNBits reads them."""
     codes_value = dq.inputs[0].const_value
@@ -126,7 +119,9 @@ def _pack(graph: ir.Graph, dq: ir.Node, axis: int) -> tuple[ir.Value, ...]:
     block = dq.attributes.get_int("block_size")
     codes, zp, scale = _unsigned_nk(dq, axis)
     n, k = codes.shape
-    blocks = codes.reshape(n, k // block, block)
+    padded = np.full((n, -(-k // block) * block), 1 << (bits - 1), np.int32)  # a partial last block: zeros
+    padded[:, :k] = codes
+    blocks = padded.reshape(n, -1, block)
     data = _pack_nibbles(blocks) if bits == 4 else blocks.astype(np.uint8)
     base = dq.inputs[0].name
     values = [_initializer(graph, data, f"{base}.nbits"), _initializer(graph, scale, f"{base}.nbits_scale")]
@@ -169,7 +164,9 @@ def _replace_gather(graph: ir.Graph, gather: ir.Node, dq: ir.Node) -> None:
 
 def _take_output(graph: ir.Graph, old_node: ir.Node, new_node: ir.Node) -> None:
     old, new = old_node.outputs[0], new_node.outputs[0]
-    new.dtype, new.shape = old.dtype, old.shape
+    new.dtype = ir.DataType.FLOAT
+    if old.shape is not None:
+        new.shape = old.shape
     old.replace_all_uses_with(new, replace_graph_outputs=True)
     name = old.name
     graph.remove(old_node, safe=True)

@@ -224,7 +224,9 @@ class _Rewriter:
 
     def _replace_output(self, node: ir.Node, new: ir.Value) -> None:
         old = node.outputs[0]
-        new.dtype, new.shape = old.dtype, old.shape
+        new.dtype = ir.DataType.FLOAT  # every table's rows come back as float32
+        if old.shape is not None:
+            new.shape = old.shape
         old.replace_all_uses_with(new, replace_graph_outputs=True)
         name = old.name
         self.graph.remove(node, safe=True)
