@@ -10,8 +10,10 @@ Patterns (q: constant int4/uint4/int8/uint8 codes, s: float scales, zp: optional
   MatMul(X, Transpose(DequantizeLinear(q [N, K], s [N, K/B], zp, axis=1, block_size=B), perm=[1, 0]))
       (the tied lm_head: the embedding's codes are already MatMulNBits's [N, K] layout)
   -> MatMulNBits(X, packed [N, K/B, B*bits/8] uint8, s [N, K/B], zp packed; K, N, bits, block_size)
-  Gather(DequantizeLinear(q [V, H] 4-bit, s [V, H/B], zp, axis=1, block_size=B), ids)
-  -> GatherBlockQuantized(q, ids, s, zp; gather_axis=0, quantize_axis=1, block_size=B, bits=4)
+  Gather(DequantizeLinear(q [V, H], s [V, H/B], zp, axis=1, block_size=B), ids)
+  -> Reshape(GatherBlockQuantized(packed [V, H/B, B*bits/8], ids, s [V, H/B, 1], zp; gather_axis=0,
+                                  quantize_axis=2, block_size=B, bits), ids' shape + [H])
+     (the same packed codes as the tied lm_head's MatMulNBits: the table is stored once)
 MatMulNBits stores unsigned codes: signed codes are shifted by 2^(bits-1), its default zero point.
 K not a multiple of the block: the last block is padded (MatMulNBits reads ceil(K / B) blocks).
 """
@@ -46,9 +48,12 @@ class LowerOrtMatMulNBitsPass(KvcPass):
                 report.matched += 1
             elif node.op_type == "Gather" and node.domain == "":
                 dq = _embedding_dequantize(graph, node)
-                if dq is not None:
-                    _replace_gather(graph, node, dq)
-                    report.matched += 1
+                if dq is None:
+                    continue
+                if id(dq) not in packed:
+                    packed[id(dq)] = _pack(graph, dq, 1)
+                _replace_gather(graph, node, dq, packed[id(dq)])
+                report.matched += 1
         if report.matched:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
             graph.opset_imports.setdefault(MS_DOMAIN, 1)
@@ -133,6 +138,8 @@ def _pack(graph: ir.Graph, dq: ir.Node, axis: int) -> tuple[ir.Value, ...]:
 
 
 def _initializer(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
+    if name in graph.initializers:  # a second Gather of the same table
+        return graph.initializers[name]
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                      const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
@@ -147,23 +154,41 @@ def _replace_matmul(graph: ir.Graph, node: ir.Node, dq: ir.Node, packed: tuple) 
 
 
 def _embedding_dequantize(graph: ir.Graph, gather: ir.Node) -> ir.Node | None:
+    """The table's DequantizeLinear (blocks along H, whole blocks only: GatherBlockQuantized returns them all)."""
     dq = _blocked_dequantize(graph, gather.inputs[0])
-    if dq is None or _axis(dq) != 1 or _BITS[dq.inputs[0].const_value.dtype] != 4:
+    if dq is None or _axis(dq) != 1 or gather.attributes.get_int("axis", 0) != 0:
         return None
-    return dq if gather.attributes.get_int("axis", 0) == 0 else None
+    return dq if int(dq.inputs[0].shape[1]) % dq.attributes.get_int("block_size") == 0 else None
 
 
-def _replace_gather(graph: ir.Graph, gather: ir.Node, dq: ir.Node) -> None:
-    inputs = [dq.inputs[0], gather.inputs[1], *dq.inputs[1:]]
-    new = ir.node("GatherBlockQuantized", inputs, domain=MS_DOMAIN,
-                  attributes={"gather_axis": 0, "quantize_axis": 1,
-                              "block_size": dq.attributes.get_int("block_size"), "bits": 4})
-    graph.insert_before(gather, new)
-    _take_output(graph, gather, new)
+def _replace_gather(graph: ir.Graph, gather: ir.Node, dq: ir.Node, packed: tuple) -> None:
+    """GatherBlockQuantized over MatMulNBits's packed [V, H/B, B*bits/8] codes (one copy for a tied
+    lm_head), blocks as the last axis: rows come out [..., H/B, B] and are reshaped to [..., H]."""
+    data, scale, *zero_point, attrs = packed
+    rows, blocks = attrs["N"], data.shape[1]
+    tape = ir.tape.Tape(graph)
+    scale3 = _initializer(graph, scale.const_value.numpy().reshape(rows, blocks, 1), f"{scale.name}.rows")
+    inputs = [data, gather.inputs[1], scale3]
+    if zero_point:
+        zp = _unsigned_nk(dq, 1)[1]
+        zp3 = _pack_nibbles(zp[..., None]) if attrs["bits"] == 4 else zp[..., None].astype(np.uint8)
+        inputs.append(_initializer(graph, zp3, f"{zero_point[0].name}.rows"))
+    ids = gather.inputs[1]
+    blocked = tape.op("GatherBlockQuantized", inputs, domain=MS_DOMAIN,
+                      attributes={"gather_axis": 0, "quantize_axis": 2, "block_size": attrs["block_size"],
+                                  "bits": attrs["bits"]})
+    hidden = _initializer(graph, np.array([attrs["K"]], np.int64), f"{data.name}.row_width")
+    shape = tape.op("Concat", [tape.op("Shape", [ids]), hidden], {"axis": 0})
+    new_rows = tape.op("Reshape", [blocked, shape])
+    _take_value(graph, gather, new_rows)
 
 
 def _take_output(graph: ir.Graph, old_node: ir.Node, new_node: ir.Node) -> None:
-    old, new = old_node.outputs[0], new_node.outputs[0]
+    _take_value(graph, old_node, new_node.outputs[0])
+
+
+def _take_value(graph: ir.Graph, old_node: ir.Node, new: ir.Value) -> None:
+    old = old_node.outputs[0]
     new.dtype = ir.DataType.FLOAT
     if old.shape is not None:
         new.shape = old.shape

@@ -5,9 +5,8 @@ quantize them weight-only to int8 / int4 with one scale (and, asymmetric, one ze
   fp16/bf16   W_h [K, N]                        -> Cast(to float) -> MatMul
   int8/int4   W_q [K, N], scale [K/B, N] (, zp)  -> DequantizeLinear(axis=0, block_size=B) -> MatMul
   embedding   E [V, H]: blocks along H (the dim the tied lm_head reduces over)
-              int8:  Gather(E_q) , Gather(scale) (, Gather(zp)) -> DequantizeLinear(axis=-1): rows only
-              int4:  DequantizeLinear(E_q, axis=1) -> Gather   (ONNX's Gather takes no 4-bit types;
-                     lower_ort_matmul_nbits turns it into ORT's GatherBlockQuantized)
+              DequantizeLinear(E_q, axis=1) -> Gather   (ONNX's Gather takes no 4-bit types; the
+              lowering turns the pair into ORT's GatherBlockQuantized, which decodes only the rows)
   tied        lm_head W == E^T (bit for bit): E is stored once; lm_head = MatMul(X, Transpose(deq(E)))
 
 Engines lower the dequantize + matmul pair to their own kernels (ORT: MatMulNBits; TVM: a matmul that
@@ -203,9 +202,6 @@ class _Rewriter:
             if len(stored) == 1:
                 rows = self.tape.op("Cast", [self.tape.op("Gather", [stored[0], ids], {"axis": 0})],
                                     {"to": ir.DataType.FLOAT})
-            elif self.options.dtype is WeightDtype.INT8:
-                parts = [self.tape.op("Gather", [s, ids], {"axis": 0}) for s in stored]
-                rows = self.tape.op("DequantizeLinear", parts, {"axis": -1, "block_size": self.options.block_size})
             else:
                 if full is None:
                     full = self._decode(stored, axis=1)
