@@ -55,11 +55,13 @@ def lowering_passes(engine: EngineKind | str) -> list[KvcPass]:
         from kvc.passes.lower_ort_pack_projections import LowerOrtPackProjectionsPass
 
         # fewer nodes per step first (shape inference still sees the static capacity), then live slots
-        return [LowerOrtMatMulNBitsPass(), FoldReshapeShapesPass(), LowerOrtPackProjectionsPass(), LowerOrtFp8ScatterPass(),
-                LowerOrtLiveSlotsPass()]
+        # MatMulNBits last: ONNX shape inference (which the others run) does not know contrib ops
+        return [FoldReshapeShapesPass(), LowerOrtPackProjectionsPass(), LowerOrtFp8ScatterPass(),
+                LowerOrtLiveSlotsPass(), LowerOrtMatMulNBitsPass()]
     from kvc.passes.lower_tvm_static_reshapes import LowerTvmStaticReshapesPass
+    from kvc.passes.lower_tvm_weight_codes import LowerTvmWeightCodesPass
 
-    return [LowerTvmStaticReshapesPass()]
+    return [LowerTvmWeightCodesPass(), LowerTvmStaticReshapesPass()]
 
 
 Verifier = Callable[[ir.Model, ir.Model], float]
