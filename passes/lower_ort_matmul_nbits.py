@@ -177,8 +177,12 @@ def _replace_gather(graph: ir.Graph, gather: ir.Node, dq: ir.Node, packed: tuple
     blocked = tape.op("GatherBlockQuantized", inputs, domain=MS_DOMAIN,
                       attributes={"gather_axis": 0, "quantize_axis": 2, "block_size": attrs["block_size"],
                                   "bits": attrs["bits"]})
-    hidden = _initializer(graph, np.array([attrs["K"]], np.int64), f"{data.name}.row_width")
-    shape = tape.op("Concat", [tape.op("Shape", [ids]), hidden], {"axis": 0})
+    if ids.shape is not None:  # a constant target (0: keep that dim), no shape arithmetic at run time
+        target = np.array([0] * len(ids.shape) + [attrs["K"]], np.int64)
+        shape = _initializer(graph, target, f"{data.name}.rows_shape{len(ids.shape)}")
+    else:
+        hidden = _initializer(graph, np.array([attrs["K"]], np.int64), f"{data.name}.row_width")
+        shape = tape.op("Concat", [tape.op("Shape", [ids]), hidden], {"axis": 0})
     new_rows = tape.op("Reshape", [blocked, shape])
     _take_value(graph, gather, new_rows)
 
