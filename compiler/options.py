@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from kvc.contract import EngineKind, KvDtype, parse_kv_dtype
+from kvc.contract import EngineKind, KvDtype, WeightDtype, parse_kv_dtype, parse_weight_dtype
 from kvc.errors import KvcError
 
 
@@ -35,12 +35,24 @@ class CompileOptions:
     tuning_db: Optional[Path] = None
     config_path: Optional[Path] = None  # HF config.json for graphs without kvc metadata
     cpu: str = NATIVE_CPU  # TVM llvm only: "native" (this machine's CPU), "generic" (portable) or an LLVM CPU name
+    weights: WeightDtype = WeightDtype.FP32  # weight storage (--weights)
+    weight_block: int = 32  # int8/int4: values per scale along the input dim (--weight-block)
+    weight_symmetric: bool = True  # int8/int4: False stores a zero point per block (--weight-scheme)
 
     def __post_init__(self) -> None:
         if not isinstance(self.kv_dtype, KvDtype):
             object.__setattr__(self, "kv_dtype", parse_kv_dtype(self.kv_dtype))
+        if not isinstance(self.weights, WeightDtype):
+            object.__setattr__(self, "weights", parse_weight_dtype(self.weights))
         if not isinstance(self.engine, EngineKind):
             object.__setattr__(self, "engine", EngineKind(self.engine))
+
+    @property
+    def weight_quant(self):
+        """The weight pass's options (validates the block size)."""
+        from kvc.passes.weight_quantize import WeightQuantOptions
+
+        return WeightQuantOptions(self.weights, self.weight_block, self.weight_symmetric)
 
     def capacity_for(self, max_position_embeddings: int) -> int:
         """The ring's capacity. Above the model's positions it could never fill: positions stop at

@@ -2,6 +2,7 @@
 passes -> engine build -> artifact directory (written atomically). See ARCHITECTURE.md."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,8 @@ def compile_model(onnx_path: Path, output: Path, options: CompileOptions, overwr
         raise KvcError("--tune-trials and --tuning-db tune the TVM engine's kernels; add --engine tvm")
     model = load_model_checked(onnx_path)
     description = describe_model(model, onnx_path.parent, options)
-    passes = default_passes(pipeline_options(description)) + lowering_passes(options.engine)
+    pipeline = dataclasses.replace(pipeline_options(description), weights=options.weight_quant)
+    passes = default_passes(pipeline) + lowering_passes(options.engine)
     reports = run_passes(model, passes, options.dump_passes, _verifier(options))
     # after the passes, whose refusals name what they cannot express (the original may fail to run as well)
     check = OriginalCheck.prepare(onnx_path, description, options)

@@ -130,6 +130,42 @@ def parse_kv_dtype(text: str) -> KvDtype:
         return KvDtype(text.lower())
     except ValueError:
         raise KvcError(f"unknown KV-cache dtype {text!r}; choose one of {list(KV_DTYPE_NAMES)}") from None
+# --- weight storage ---------------------------------------------------------------------------
+class WeightDtype(str, enum.Enum):
+    """Storage type of the weight matrices and the embedding table (`kvc compile --weights`)."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"  # stored half, cast to float32 before the matmul
+    BF16 = "bf16"
+    INT8 = "int8"  # weight-only, per-block scales along the input dim (DequantizeLinear block_size)
+    INT4 = "int4"
+
+    @property
+    def bits(self) -> int:
+        return _WEIGHT_BITS[self]
+
+    @property
+    def quantized(self) -> bool:
+        return self in (WeightDtype.INT8, WeightDtype.INT4)
+
+
+_WEIGHT_BITS = {WeightDtype.FP32: 32, WeightDtype.FP16: 16, WeightDtype.BF16: 16, WeightDtype.INT8: 8,
+                WeightDtype.INT4: 4}
+WEIGHT_DTYPE_NAMES = tuple(d.value for d in WeightDtype)
+WEIGHT_BLOCK_SIZES = (32, 64, 128)
+
+
+def parse_weight_dtype(text: str) -> WeightDtype:
+    """--weights text -> WeightDtype (case-insensitive); a KvcError naming the choices otherwise."""
+    from kvc.errors import KvcError
+
+    try:
+        return WeightDtype(text.lower())
+    except ValueError:
+        raise KvcError(f"unknown weight dtype {text!r}; choose one of {list(WEIGHT_DTYPE_NAMES)}") from None
+
+
+
 SCALE_TVM_DTYPE = "float32"  # per-token scale rings
 
 

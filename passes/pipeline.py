@@ -11,9 +11,10 @@ from typing import Callable, Optional
 
 import onnx_ir as ir
 
-from kvc.contract import EngineKind, Entry, KvDtype
+from kvc.contract import EngineKind, Entry, KvDtype, WeightDtype
 from kvc.passes.base import KvcPass, PassReport
 from kvc.passes.kv_layout import Fp8Scales
+from kvc.passes.weight_quantize import WeightQuantOptions
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class PipelineOptions:
     sliding_window: Optional[int] = None  # the model's attention window (None: full attention)
     fp8_scales: Optional[Fp8Scales] = None  # static fp8 scales from kvc calibrate (None: dynamic)
     max_positions: Optional[int] = None  # rows of materialised RoPE caches (the model's max positions)
+    weights: WeightQuantOptions = WeightQuantOptions()  # weight storage (fp32: the pass does nothing)
 
 
 def default_passes(options: PipelineOptions) -> list[KvcPass]:
@@ -36,6 +38,10 @@ def default_passes(options: PipelineOptions) -> list[KvcPass]:
     passes.append(KvRingBufferPass(RingBufferOptions(capacity=options.capacity,
                                                      sliding_window=options.sliding_window)))
     passes.append(KvQuantizePass(KvQuantOptions(dtype=KvDtype(options.kv_dtype), fp8_scales=options.fp8_scales)))
+    if options.weights.dtype is not WeightDtype.FP32:
+        from kvc.passes.weight_quantize import WeightQuantizePass
+
+        passes.append(WeightQuantizePass(options.weights))
     return passes
 
 
@@ -45,15 +51,18 @@ def lowering_passes(engine: EngineKind | str) -> list[KvcPass]:
         from kvc.passes.fold_reshape_shapes import FoldReshapeShapesPass
         from kvc.passes.lower_ort_fp8_scatter import LowerOrtFp8ScatterPass
         from kvc.passes.lower_ort_live_slots import LowerOrtLiveSlotsPass
+        from kvc.passes.lower_ort_matmul_nbits import LowerOrtMatMulNBitsPass
         from kvc.passes.lower_ort_pack_projections import LowerOrtPackProjectionsPass
 
         # fewer nodes per step first (shape inference still sees the static capacity), then live slots
+        # MatMulNBits last: ONNX shape inference (which the others run) does not know contrib ops
         return [FoldReshapeShapesPass(), LowerOrtPackProjectionsPass(), LowerOrtFp8ScatterPass(),
-                LowerOrtLiveSlotsPass()]
+                LowerOrtLiveSlotsPass(), LowerOrtMatMulNBitsPass()]
     from kvc.passes.lower_tvm_cache_attention import LowerTvmCacheAttentionPass
     from kvc.passes.lower_tvm_static_reshapes import LowerTvmStaticReshapesPass
+    from kvc.passes.lower_tvm_weight_codes import LowerTvmWeightCodesPass
 
-    return [LowerTvmStaticReshapesPass(), LowerTvmCacheAttentionPass()]
+    return [LowerTvmWeightCodesPass(), LowerTvmStaticReshapesPass(), LowerTvmCacheAttentionPass()]
 
 
 def entry_lowering_passes(engine: EngineKind | str) -> dict[Entry, list[KvcPass]]:

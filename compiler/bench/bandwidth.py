@@ -15,21 +15,33 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvc.contract import KvDtype
+from kvc.contract import KvDtype, WeightDtype
 from kvc.models.config import Family, ModelConfig
 
 PER_TOKEN_SCALE_BYTES = 4  # int8 / dynamic fp8: one float32 scale per token per kv head, K and V each
 
 
-def weight_bytes_per_token(config: ModelConfig, bytes_per_weight: int = 4) -> int:
+SCALE_BYTES = 4  # one float32 scale per block of quantized weights
+
+
+def stored_bytes_per_weight(weights: WeightDtype = WeightDtype.FP32, block: int = 32) -> float:
+    """Bytes one weight takes as stored: its code plus its share of the block's scale (int8/int4)."""
+    return weights.bits / 8 + (SCALE_BYTES / block if weights.quantized else 0.0)
+
+
+def weight_bytes_per_token(config: ModelConfig, bytes_per_weight: float = 4, weights: WeightDtype | None = None,
+                           block: int = 32) -> int:
     """Weight bytes one decode step reads: every parameter, except that the input embedding
     table (and GPT-2's position table) contribute only the one gathered row. A tied table is
-    still read whole, as the LM head."""
+    still read whole, as the LM head. ``weights`` (kvc compile --weights) overrides bytes_per_weight
+    with the stored size (symmetric scales; norms and biases are counted at that size too)."""
+    if weights is not None:
+        bytes_per_weight = stored_bytes_per_weight(weights, block)
     h = config.hidden_size
     gathered_only = 0 if config.tie_word_embeddings else (config.vocab_size - 1) * h
     if config.family is Family.GPT2:
         gathered_only += (config.max_position_embeddings - 1) * h
-    return (config.num_parameters() - gathered_only) * bytes_per_weight
+    return int((config.num_parameters() - gathered_only) * bytes_per_weight)
 
 
 def kv_bytes_per_cached_token(config: ModelConfig, kv_dtype: str, per_token_scales: bool) -> float:

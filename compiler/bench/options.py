@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from kvc.contract import KV_DTYPE_NAMES
+from kvc.contract import KV_DTYPE_NAMES, WeightDtype
 from kvc.errors import KvcError
 
 KV_DTYPES = KV_DTYPE_NAMES
@@ -64,6 +64,7 @@ class BenchConfig:
     fill: FillMode = FillMode.SYNTHETIC  # how decode timing reaches its depth
     prefill_contexts: Optional[tuple[int, ...]] = None  # depths whose real prefill is timed (None: all contexts)
     synthetic_tokens: int = 64  # real prefill length whose K/V a synthetic fill tiles
+    weights: tuple[WeightDtype, ...] = (WeightDtype.FP32,)  # weight precisions of the kvc engines
 
     def __post_init__(self) -> None:
         if not self.contexts or min(self.contexts) < 1:

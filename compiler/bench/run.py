@@ -99,8 +99,8 @@ def _bench_slot(slot: EngineSlot, config, bench: BenchConfig, bandwidth: float, 
         if not slot.engine.is_kvc:
             raise
         return _unavailable(slot, exc, progress, steps)
-    roofline = Roofline(weight_bytes_per_token(config), runner.kv_bytes_per_token(), bandwidth)
-    ctx = RowContext(slot.engine.value, slot.kv_dtype, bench.batch, bench.gen, slot.capacity, bench.fill.value,
+    roofline = Roofline(weight_bytes_per_token(config, weights=slot.weights), runner.kv_bytes_per_token(), bandwidth)
+    ctx = RowContext(slot.row_engine, slot.kv_dtype, bench.batch, bench.gen, slot.capacity, bench.fill.value,
                      roofline)
     done = 0
     try:

@@ -19,7 +19,7 @@ from typing import Callable
 from kvc.compiler.bench.bandwidth import has_per_token_scales
 from kvc.compiler.bench.options import BASELINE_KV_DTYPE, BenchConfig, EngineName
 from kvc.compiler.bench.runners import Runner
-from kvc.contract import ScaleKind
+from kvc.contract import ScaleKind, WeightDtype
 from kvc.errors import KvcError
 from kvc.models.config import ModelConfig
 from kvc.models.loaders.source_kind import SourceKind, resolve_source
@@ -35,11 +35,18 @@ class EngineSlot:
     per_token_scales: bool = False
     capacity: int | None = None  # preallocated cache slots (None: the concat baselines grow theirs)
     show_capacity: bool = False  # several capacities compared: the label names this one
+    weights: WeightDtype = WeightDtype.FP32  # kvc engines: compile --weights
+
+    @property
+    def row_engine(self) -> str:
+        """The engine column of its rows: the engine, and its weight precision when not fp32."""
+        return self.engine.value + ("" if self.weights is WeightDtype.FP32 else f" w-{self.weights.value}")
 
     @property
     def label(self) -> str:
         tail = f"/c{self.capacity}" if self.show_capacity else ""
-        return f"{self.engine.value}/{self.kv_dtype}{tail}"
+        weights = "" if self.weights is WeightDtype.FP32 else f"/w-{self.weights.value}"
+        return f"{self.engine.value}/{self.kv_dtype}{weights}{tail}"
 
 
 @dataclass
@@ -120,10 +127,11 @@ def _add_slots(target: BenchTarget, bench: BenchConfig, onnx_path: Path, torch_m
         elif engine is EngineName.ORT_CONCAT:
             target.slots.append(EngineSlot(engine, BASELINE_KV_DTYPE, _opener_ort_concat(onnx_path, threads)))
         else:
-            target.slots += [EngineSlot(engine, dtype, _opener_kvc(onnx_path, engine, dtype, c, bench, build_root, note),
+            target.slots += [EngineSlot(engine, dtype, _opener_kvc(onnx_path, engine, dtype, c, bench, build_root,
+                                                                   note, w),
                                         per_token_scales=has_per_token_scales(dtype), capacity=c,
-                                        show_capacity=several)
-                             for dtype in bench.kv_dtypes for c in capacities]
+                                        show_capacity=several, weights=w)
+                             for w in bench.weights for dtype in bench.kv_dtypes for c in capacities]
 
 
 def _opener_torch(model, threads: int) -> Callable[[], Runner]:
@@ -145,11 +153,11 @@ def _opener_ort_concat(onnx_path: Path, threads: int) -> Callable[[], Runner]:
 
 
 def _opener_kvc(onnx_path: Path, engine: EngineName, dtype: str, capacity: int, bench: BenchConfig,
-                build_root: Path, note) -> Callable[[], Runner]:
+                build_root: Path, note, weights: WeightDtype = WeightDtype.FP32) -> Callable[[], Runner]:
     from kvc.compiler.bench.runners import open_kvc
 
     def open_() -> Runner:
-        artifact = compile_once(onnx_path, engine, dtype, capacity, build_root, note)
+        artifact = compile_once(onnx_path, engine, dtype, capacity, build_root, note, weights)
         return open_kvc(artifact, engine, dtype, bench.batch, bench.resolved_threads())
 
     return open_
@@ -176,15 +184,17 @@ def export_once(model, config: ModelConfig, onnx_path: Path, note) -> Path:
 
 
 def compile_once(onnx_path: Path, engine: EngineName, kv_dtype: str, capacity: int, build_root: Path,
-                 note) -> Path:
-    """Artifact for (engine, cache dtype, capacity), reused when the work directory already has it."""
+                 note, weights: WeightDtype = WeightDtype.FP32) -> Path:
+    """Artifact for (engine, cache dtype, capacity, weights), reused when the work directory already has it."""
     from kvc.compiler.options import CompileOptions, EngineKind
     from kvc.compiler.pipeline import compile_model
 
-    out = build_root / f"{engine.compile_engine}-{kv_dtype}-c{capacity}.kvc"
+    tail = "" if weights is WeightDtype.FP32 else f"-w{weights.value}"
+    out = build_root / f"{engine.compile_engine}-{kv_dtype}-c{capacity}{tail}.kvc"
     if not (out / "manifest.json").is_file():
         note(f"compiling {engine.value} with a {kv_dtype} cache of {capacity} tokens")
-        options = CompileOptions(engine=EngineKind(engine.compile_engine), max_seq_len=capacity, kv_dtype=kv_dtype)
+        options = CompileOptions(engine=EngineKind(engine.compile_engine), max_seq_len=capacity, kv_dtype=kv_dtype,
+                                 weights=weights)
         compile_model(onnx_path, out, options, overwrite=True, progress=lambda *_: None)
     return out
 

@@ -16,6 +16,9 @@ from kvc.errors import KvcError
 @click.option("--gen", type=int, default=64, show_default=True, help="Decode steps timed per repetition.")
 @click.option("--kv-dtype", "kv_dtypes", default="fp32", show_default=True,
               help="Cache dtypes of the kvc engines, comma-separated: fp32,fp16,bf16,int8,fp8.")
+@click.option("--weights", "weight_dtypes", default="fp32", show_default=True,
+              help="Weight precisions of the kvc engines, comma-separated: fp32,fp16,bf16,int8,int4 (kvc compile "
+                   "--weights; block 32, symmetric). Rows name the precision beside the engine.")
 @click.option("--engines", default="kvc-ort,kvc-tvm,ort-concat,torch-concat,torch-static", show_default=True,
               help="Comma-separated; torch-concat and ort-concat keep an fp32 concat cache (copied every step), "
                    "torch-static an fp32 preallocated one written in place (gpt-fast style); torch = torch-concat.")
@@ -47,7 +50,7 @@ from kvc.errors import KvcError
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="PNG of decode ms/token against context.")
-def bench(source: str, contexts: str, gen: int, kv_dtypes: str, engines: str, batch: int, fill: str,
+def bench(source: str, contexts: str, gen: int, kv_dtypes: str, weight_dtypes: str, engines: str, batch: int, fill: str,
           prefill_contexts: str | None, synthetic_tokens: int, capacities: str | None, reps: int, warmup: int,
           prefill_reps: int | None, threads: int, prefill_chunk: int, seed: int, bandwidth_gbs: float | None,
           work_dir: Path | None, json_path: Path | None, csv_path: Path | None, plot_path: Path | None) -> None:
@@ -56,12 +59,15 @@ def bench(source: str, contexts: str, gen: int, kv_dtypes: str, engines: str, ba
     from kvc.compiler.bench import BenchConfig, parse_choice_list, parse_engines, parse_int_list, run_bench
     from kvc.compiler.bench.options import KV_DTYPES, FillMode
     from kvc.compiler.bench.progress import progress_for
+    from kvc.contract import WEIGHT_DTYPE_NAMES, WeightDtype
     from kvc.compiler.bench.report import print_table, write_csv, write_json
 
     if bandwidth_gbs is not None and not bandwidth_gbs > 0:
         raise KvcError(f"--bandwidth-gbs must be a positive number of GB/s, got {bandwidth_gbs}")
     config = BenchConfig(contexts=parse_int_list(contexts, "--contexts"), gen=gen,
                          kv_dtypes=parse_choice_list(kv_dtypes, KV_DTYPES, "--kv-dtype"),
+                         weights=tuple(WeightDtype(w) for w in
+                                       parse_choice_list(weight_dtypes, WEIGHT_DTYPE_NAMES, "--weights")),
                          engines=parse_engines(engines), batch=batch, reps=reps, warmup=warmup,
                          prefill_reps=prefill_reps, threads=threads,
                          prefill_chunk=prefill_chunk, seed=seed, work_dir=work_dir, fill=FillMode(fill),

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from kvc.contract import KV_DTYPE_NAMES, EngineKind, KvDtype
+from kvc.contract import KV_DTYPE_NAMES, WEIGHT_BLOCK_SIZES, WEIGHT_DTYPE_NAMES, EngineKind, KvDtype, WeightDtype
 
 
 @click.command("compile")
@@ -19,6 +19,12 @@ from kvc.contract import KV_DTYPE_NAMES, EngineKind, KvDtype
 @click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
               help="KV-cache capacity in tokens (default: the model's max positions, at most 2048).")
 @click.option("--kv-dtype", type=click.Choice(KV_DTYPE_NAMES), default=KvDtype.FP32.value, show_default=True)
+@click.option("--weights", type=click.Choice(WEIGHT_DTYPE_NAMES), default=WeightDtype.FP32.value, show_default=True,
+              help="Weight storage: fp16/bf16, or weight-only int8/int4 with per-block scales.")
+@click.option("--weight-block", type=click.Choice([str(b) for b in WEIGHT_BLOCK_SIZES]), default="32",
+              show_default=True, help="int8/int4: values per scale along the input dim.")
+@click.option("--weight-scheme", type=click.Choice(["symmetric", "asymmetric"]), default="symmetric",
+              show_default=True, help="int8/int4: asymmetric adds a zero point per block.")
 @click.option("--kv-scales", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Static FP8 scales from `kvc calibrate` (default for fp8: dynamic per-token scales).")
 @click.option("--sliding-window", type=click.IntRange(min=1), default=None,
@@ -45,6 +51,7 @@ from kvc.contract import KV_DTYPE_NAMES, EngineKind, KvDtype
               help="Replace an existing output directory, only when it is a kvc artifact holding no other "
                    "files, the current directory or an input.")
 def compile_(model: Path, output: Path | None, engine: str, device: str, max_seq_len: int | None, kv_dtype: str,
+             weights: str, weight_block: str, weight_scheme: str,
              kv_scales: Path | None, sliding_window: int | None, config_path: Path | None,
              dump_passes: Path | None, verify: bool, check: bool, tune_trials: int, tuning_db: Path | None,
              cpu: str, overwrite: bool) -> None:
@@ -59,14 +66,14 @@ def compile_(model: Path, output: Path | None, engine: str, device: str, max_seq
     check_output_dir(output, overwrite, keep=[p for p in (model, kv_scales, config_path, tuning_db) if p])
     options = CompileOptions(engine=EngineKind(engine), device=Device(device), max_seq_len=max_seq_len,
                              kv_dtype=kv_dtype, kv_scales=kv_scales, sliding_window=sliding_window,
-                             dump_passes=dump_passes, verify=verify, check=check,
-                             tune_trials=tune_trials,
-                             tuning_db=tuning_db, config_path=config_path, cpu=cpu)
+                             dump_passes=dump_passes, verify=verify, check=check, tune_trials=tune_trials,
+                             tuning_db=tuning_db, config_path=config_path, cpu=cpu, weights=weights,
+                             weight_block=int(weight_block), weight_symmetric=weight_scheme == "symmetric")
     result = compile_model(model, output, options, overwrite=overwrite, progress=click.echo)
     cache = result.manifest.cache
     click.echo(f"model config: {result.config_source}")
     click.echo(f"wrote {output}: engine {engine} ({device}), ring cache {cache.capacity} tokens x "
-               f"{cache.num_layers} layers, {cache.dtype.value}")
+               f"{cache.num_layers} layers, {cache.dtype.value}; weights {options.weights.value}")
 
 
 def check_inputs(model: Path, kv_scales: Path | None, config_path: Path | None) -> None:
