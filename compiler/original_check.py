@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
-from kvc.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, KvDtype, is_past, is_present,
-                          past_for)
+from kvc.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, KvDtype, WeightDtype, is_past,
+                          is_present, past_for)
 from kvc.errors import GraphError, KvcError
 
 if TYPE_CHECKING:
     from kvc.compiler.model_description import ModelDescription
     from kvc.compiler.options import CompileOptions
+    from kvc.passes.weight_quantize import WeightQuantOptions
 
 CHECK_SEED = 0
 SHORT_PROMPT = 6  # tokens, when there is no window or wrap to cross
@@ -55,7 +56,8 @@ class OriginalCheck:
         config = description.config
         plan = plan_check(config.vocab_size, description.capacity, description.max_positions,
                           description.original_window, description.added_window)
-        return cls(plan, reference_logits(onnx_path, plan, config.num_kv_heads, config.resolved_head_dim))
+        weights = options.weight_quant
+        return cls(plan, reference_logits(onnx_path, plan, config.num_kv_heads, config.resolved_head_dim, weights))
 
     def against(self, artifact: Path, options: "CompileOptions") -> "CheckResult":
         """Raises CheckMismatch when the artifact's engine disagrees with the original."""
@@ -142,13 +144,15 @@ def _random_plan(vocab_size: int, limit: int, seed: int, covers: str, prompt: Op
 class OriginalGraph:
     """The input graph on ONNX Runtime CPU, one sequence (batch 1), its cache concatenated step by step."""
 
-    def __init__(self, onnx_path: Path, kv_heads: int, head_dim: int):
+    def __init__(self, source: Path | bytes, kv_heads: int, head_dim: int, onnx_path: Path):
+        """``source``: the graph file, or the serialized graph (weights decoded); ``onnx_path`` names it."""
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         so.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+            model = source if isinstance(source, bytes) else str(source)
+            self.session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - ORT raises its own types; any failure means it cannot run
             raise GraphError(f"the original graph {onnx_path} does not run on ONNX Runtime CPU "
                              f"({_first_line(exc)}), so the compiled engine cannot be checked against it; "
@@ -224,8 +228,20 @@ class Reference:
     computes_in_half: bool  # a float16 graph: float16 rounding on both sides, whatever the cache dtype
 
 
-def reference_logits(onnx_path: Path, plan: CheckPlan, kv_heads: int, head_dim: int) -> Reference:
-    original = OriginalGraph(onnx_path, kv_heads, head_dim)
+def reference_logits(onnx_path: Path, plan: CheckPlan, kv_heads: int, head_dim: int,
+                     weights: "WeightQuantOptions | None" = None) -> Reference:
+    """The original's logits; with stored weights other than fp32, the original with each weight replaced by
+    its decoded stored values (kvc.passes.weight_quantize): the same scheme, so the fp32 tolerance holds."""
+    source: Path | bytes = onnx_path
+    if weights is not None and weights.dtype is not WeightDtype.FP32:
+        import onnx_ir as ir
+
+        from kvc.passes.weight_quantize import decode_weights_in_place
+
+        model = ir.load(onnx_path)
+        decode_weights_in_place(model, weights)
+        source = ir.to_proto(model).SerializeToString()
+    original = OriginalGraph(source, kv_heads, head_dim, onnx_path)
     steps = [original.step(list(plan.prompt))]
     steps += [original.step([token]) for token in plan.decode]
     return Reference(steps, original.computes_in_half)

@@ -9,8 +9,10 @@ quantize them weight-only to int8 / int4 with one scale (and, asymmetric, one ze
               lowering turns the pair into ORT's GatherBlockQuantized, which decodes only the rows)
   tied        lm_head W == E^T (bit for bit): E is stored once; lm_head = MatMul(X, Transpose(deq(E)))
 
-Engines lower the dequantize + matmul pair to their own kernels (ORT: MatMulNBits; TVM: a matmul that
-dequantizes in registers). The codec (``quantize_blocks`` / ``dequantize_blocks``) is the reference.
+Engines lower the dequantize + matmul pair to their own kernels (ORT: MatMulNBits / GatherBlockQuantized;
+TVM: its standard DequantizeLinear, codes one per byte, no fused kernel yet). The codec
+(``quantize_blocks`` / ``dequantize_blocks``) is the reference; ``decode_weights_in_place`` makes the
+same-scheme fp32 graph that `kvc compile` checks a quantized artifact against.
 """
 from __future__ import annotations
 
@@ -91,6 +93,42 @@ def dequantize_blocks(q: QuantizedBlocks, block: int, axis: int) -> np.ndarray:
     if q.zero_point is not None:
         values = values - expand(q.zero_point)
     return (values * expand(q.scale)).astype(np.float32)
+
+
+def decoded(weights: np.ndarray, options: WeightQuantOptions, axis: int) -> np.ndarray:
+    """``weights`` stored in the scheme and read back, as float32 (blocks along ``axis``)."""
+    if options.dtype is WeightDtype.FP32:
+        return weights
+    if options.dtype is WeightDtype.FP16:
+        return weights.astype(np.float16).astype(np.float32)
+    if options.dtype is WeightDtype.BF16:
+        return weights.astype(ml_dtypes.bfloat16).astype(np.float32)
+    q = quantize_blocks(weights, options.dtype.bits, options.block_size, options.symmetric, axis)
+    return dequantize_blocks(q, options.block_size, axis)
+
+
+def decode_weights_in_place(model: ir.Model, options: WeightQuantOptions) -> None:
+    """Replace every weight the scheme stores by its decoded values (blocks along K for MatMul weights,
+    along H for embedding tables, whose transpose a tied lm_head reads): the fp32 graph that computes
+    what the quantized one does, up to summation order."""
+    graph = model.graph
+    tables = {}
+    for node in graph:
+        value = node.inputs[0] if node.op_type == "Gather" else node.inputs[1] if node.op_type == "MatMul" else None
+        if value is None or value.name not in graph.initializers or value.const_value is None:
+            continue
+        if value.const_value.dtype != ir.DataType.FLOAT or value.shape is None or len(value.shape) != 2:
+            continue
+        axis = 1 if node.op_type == "Gather" else 0
+        array = value.const_value.numpy()
+        if node.op_type == "Gather":
+            tables[value.name] = array
+        value.const_value = ir.tensor(decoded(array, options, axis), name=value.name)
+    for name, value in graph.initializers.items():  # tied lm_heads: the table's decoded rows, transposed
+        array = value.const_value.numpy() if value.const_value is not None else None
+        for table in tables.values():
+            if array is not None and array.shape == table.shape[::-1] and np.array_equal(array, table.T):
+                value.const_value = ir.tensor(decoded(table, options, 1).T.copy(), name=name)
 
 
 # --- the pass ---------------------------------------------------------------------------------

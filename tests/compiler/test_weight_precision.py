@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import shutil
 
-import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import pytest
 
 from kvc.contract import MANIFEST_FILE, WeightDtype
-from kvc.passes.weight_quantize import WeightQuantOptions, dequantize_blocks, quantize_blocks
+from kvc.passes.weight_quantize import WeightQuantOptions, decode_weights_in_place
 from kvc.runtime import load
 from tests.compiler.test_tvm_engine import logits_trace
 
@@ -23,37 +22,10 @@ CAPACITY = 64
 TOLERANCE = 2e-4  # fp32 sums in another order (MatMulNBits, TVM's schedules)
 
 
-def decoded(weights: np.ndarray, options: WeightQuantOptions, axis: int) -> np.ndarray:
-    if options.dtype is WeightDtype.FP16:
-        return weights.astype(np.float16).astype(np.float32)
-    if options.dtype is WeightDtype.BF16:
-        return weights.astype(ml_dtypes.bfloat16).astype(np.float32)
-    q = quantize_blocks(weights, options.dtype.bits, options.block_size, options.symmetric, axis)
-    return dequantize_blocks(q, options.block_size, axis)
-
-
 def same_scheme_export(onnx_path, out_dir, options: WeightQuantOptions):
-    """The fp32 export with every weight the scheme stores replaced by its decoded values (blocks along
-    K for matmul weights, along H for the embedding table, whose transpose a tied lm_head reads)."""
+    """The fp32 export with every weight the scheme stores replaced by its decoded values."""
     model = ir.load(onnx_path)
-    graph = model.graph
-    tables = {}
-    for node in graph:
-        value = node.inputs[0] if node.op_type == "Gather" else node.inputs[1] if node.op_type == "MatMul" else None
-        if value is None or value.name not in graph.initializers or value.const_value is None:
-            continue
-        if value.const_value.dtype != ir.DataType.FLOAT or len(value.shape) != 2:
-            continue
-        axis = 1 if node.op_type == "Gather" else 0
-        array = value.const_value.numpy()
-        if node.op_type == "Gather":
-            tables[value.name] = array
-        value.const_value = ir.tensor(decoded(array, options, axis), name=value.name)
-    for name, value in graph.initializers.items():  # tied lm_heads: the table's decoded rows, transposed
-        array = value.const_value.numpy() if value.const_value is not None else None
-        for table_name, table in tables.items():
-            if array is not None and array.shape == table.shape[::-1] and np.array_equal(array, table.T):
-                value.const_value = ir.tensor(decoded(table, options, 1).T.copy(), name=name)
+    decode_weights_in_place(model, options)
     out_dir.mkdir(parents=True)
     path = out_dir / "model.onnx"
     ir.save(model, path)
