@@ -26,6 +26,7 @@ from tvm import relax
 from kvc.compiler.options import CompileOptions, Device
 from kvc.compiler.ort_build import in_place_aliases
 from kvc.compiler.tvm.decode_fusion import fuse_decode, rename_global_vars
+from kvc.compiler.tvm.decode_ring_mask import drop_redundant_ring_masks
 from kvc.compiler.tvm.relax_dump import RelaxDump
 from kvc.compiler.tvm.tuning import TUNING_DIR
 from kvc.contract import ENTRY_NAMES, INPUT_IDS, POSITION_IDS, Entry, is_past
@@ -113,7 +114,8 @@ def _take_weights(func: relax.Function, weights: dict[str, np.ndarray]) -> list[
 
 def _specialize_decode(model: ir.Model, batch: int | None) -> ir.Model:
     """A copy of the graph for one new token per call (and ``batch`` rows if given), with the
-    shape arithmetic this makes constant folded away (e.g. the ring mask's Range(0, seq))."""
+    shape arithmetic this makes constant folded away (e.g. the ring mask's Range(0, seq)), and the
+    ring mask dropped where nonpad_kv_seqlen implies it (kvc.compiler.tvm.decode_ring_mask)."""
     import onnxscript.optimizer
 
     decode = ir.from_proto(ir.to_proto(model))
@@ -126,6 +128,7 @@ def _specialize_decode(model: ir.Model, batch: int | None) -> ir.Model:
         if batch is not None and dims:
             dims[0] = batch
         value.shape = ir.Shape(dims)
+    drop_redundant_ring_masks(decode.graph)  # before folding renames the ring's constants
     onnxscript.optimizer.optimize(decode, num_iterations=2)
     return decode
 
