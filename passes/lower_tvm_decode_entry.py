@@ -4,7 +4,9 @@ The TVM engine imports the graph once per entry (kvc.compiler.tvm.engine_build):
 ``decode`` with one new token per row (input_ids / position_ids [batch, 1]) and ``decode_b1`` with
 one row as well (static shapes everywhere). Fixing those dims lets constant folding remove the shape
 arithmetic they made dynamic (e.g. the ring mask's Range(0, seq)), and lets TVM pick GEMV schedules
-for the projections. Runs on a copy per entry, after the graph-wide lowering passes.
+for the projections. With one new token and no window, the ring mask says nothing nonpad_kv_seqlen does
+not, so it is dropped (kvc.passes.decode_ring_mask): decode no longer computes a capacity-wide mask.
+Runs on a copy per entry, after the graph-wide lowering passes.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import onnx_ir as ir
 
 from kvc.contract import INPUT_IDS, POSITION_IDS, Entry
 from kvc.passes.base import KvcPass, PassReport
+from kvc.passes.decode_ring_mask import drop_redundant_ring_masks
 
 ONE_TOKEN_INPUTS = (INPUT_IDS, POSITION_IDS)  # [batch, seq] inputs: seq = 1 in decode
 DECODE_BATCH = {Entry.DECODE: None, Entry.DECODE_B1: 1}  # rows fixed by the entry (None: dynamic)
@@ -44,7 +47,9 @@ class LowerTvmDecodeEntryPass(KvcPass):
             if dims != list(value.shape):
                 value.shape = ir.Shape(dims)
                 report.matched += 1
+        masks = drop_redundant_ring_masks(model.graph)  # before folding renames the ring's constants
         onnxscript.optimizer.optimize(model, num_iterations=2)
         rows = "1 row" if batch == 1 else "any rows"
-        report.notes.append(f"{report.matched} input shapes fixed to one new token, {rows}; shape arithmetic folded")
+        report.notes.append(f"{report.matched} input shapes fixed to one new token, {rows}; shape arithmetic folded; "
+                            f"{masks} ring masks implied by nonpad_kv_seqlen dropped")
         return report

@@ -46,6 +46,8 @@ def run(func, x: np.ndarray, w: np.ndarray, out_shape) -> np.ndarray:
     (1, 7, 64, 192),  # prefill, rows not a multiple of the 4-row tile
     (2, 13, 40, 36),  # n = 36: column tile shrinks to a divisor (4)
     (1, 5, 16, 7),  # odd n: scalar columns
+    (1, 1, 33, 1280),  # decode's full 256-column tile (5 blocks), odd k
+    (3, 1, 40, 800),  # n = 800: the decode tile shrinks to 32
 ])
 def test_symbolic_rows_match_numpy(batch, seq, k, n):
     b, s = tirx.Var("batch", "int64"), tirx.Var("seq", "int64")
