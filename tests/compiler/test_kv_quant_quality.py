@@ -21,26 +21,20 @@ pytestmark = pytest.mark.skipif(not STORIES260K.is_dir(), reason="../shared/mode
 
 
 @pytest.fixture(scope="module")
-def stories(tmp_path_factory):
+def stories(stories260k_variants):
     from click.testing import CliRunner
 
     from kvc.cli.main import cli
 
-    root = tmp_path_factory.mktemp("quality")
-    onnx_path = root / "m" / "model.onnx"
-    runner = CliRunner()
-    assert runner.invoke(cli, ["export", str(STORIES260K / "stories260K.bin"), "-o", str(onnx_path)]).exit_code == 0
-    scales = root / "scales.json"
-    calib = runner.invoke(cli, ["calibrate", str(onnx_path), "--text", str(CALIBRATION), "-o", str(scales)])
-    assert calib.exit_code == 0, calib.output
-    artifacts = {}
-    for name, extra in {"fp32": [], "fp16": ["--kv-dtype", "fp16"], "int8": ["--kv-dtype", "int8"],
-                        "fp8": ["--kv-dtype", "fp8"], "fp8-static": ["--kv-dtype", "fp8", "--kv-scales", str(scales)]}.items():
-        out = root / f"{name}.kvc"
-        result = runner.invoke(cli, ["compile", str(onnx_path), "-o", str(out), "--max-seq-len", "512", *extra])
-        assert result.exit_code == 0, result.output
-        artifacts[name] = out
-    return artifacts
+    stories260k_variants({"fp32": []})  # exports the model
+    scales = stories260k_variants.root / "scales.json"
+    if not scales.exists():
+        calib = CliRunner().invoke(cli, ["calibrate", str(stories260k_variants.onnx_path), "--text", str(CALIBRATION),
+                                         "-o", str(scales)])
+        assert calib.exit_code == 0, calib.output
+    return stories260k_variants({"fp32": [], "fp16": ["--kv-dtype", "fp16"], "int8": ["--kv-dtype", "int8"],
+                                 "fp8": ["--kv-dtype", "fp8"],
+                                 "fp8-static": ["--kv-dtype", "fp8", "--kv-scales", str(scales)]})
 
 
 def log_probs(artifact: Path) -> list[np.ndarray]:

@@ -22,22 +22,8 @@ pytestmark = pytest.mark.skipif(not STORIES260K.is_dir(), reason="../shared/mode
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    from click.testing import CliRunner
-
-    from kvc.cli.main import cli
-
-    root = tmp_path_factory.mktemp("weight-quality")
-    onnx_path = root / "m" / "model.onnx"
-    runner = CliRunner()
-    assert runner.invoke(cli, ["export", str(STORIES260K / "stories260K.bin"), "-o", str(onnx_path)]).exit_code == 0
-    out = {}
-    for name, (flags, _, _) in {"fp32": ([], 0, 0), **CASES}.items():
-        result = runner.invoke(cli, ["compile", str(onnx_path), "-o", str(root / f"{name}.kvc"),
-                                     "--max-seq-len", "512", *flags])
-        assert result.exit_code == 0, result.output
-        out[name] = root / f"{name}.kvc"
-    return out
+def artifacts(stories260k_variants):
+    return stories260k_variants({"fp32": [], **{name: flags for name, (flags, _, _) in CASES.items()}})
 
 
 def test_weight_precision_perplexity_and_kl_within_bounds(artifacts, record_property):
