@@ -124,12 +124,19 @@ KV_DTYPE_NAMES = tuple(d.value for d in KvDtype)
 
 def parse_kv_dtype(text: str) -> KvDtype:
     """--kv-dtype text -> KvDtype (case-insensitive); a KvcError naming the choices otherwise."""
+    return _parse_choice(KvDtype, text, "KV-cache dtype")
+
+
+def _parse_choice(kind: type[enum.Enum], text: str, what: str):
+    """``text`` as a member of the string enum ``kind`` (case-insensitive); a KvcError naming the choices."""
     from kvc.errors import KvcError
 
     try:
-        return KvDtype(text.lower())
+        return kind(text.lower())
     except ValueError:
-        raise KvcError(f"unknown KV-cache dtype {text!r}; choose one of {list(KV_DTYPE_NAMES)}") from None
+        raise KvcError(f"unknown {what} {text!r}; choose one of {[m.value for m in kind]}") from None
+
+
 # --- weight storage ---------------------------------------------------------------------------
 class WeightDtype(str, enum.Enum):
     """Storage type of the weight matrices and the embedding table (`kvc compile --weights`)."""
@@ -157,13 +164,7 @@ WEIGHT_BLOCK_SIZES = (32, 64, 128)
 
 def parse_weight_dtype(text: str) -> WeightDtype:
     """--weights text -> WeightDtype (case-insensitive); a KvcError naming the choices otherwise."""
-    from kvc.errors import KvcError
-
-    try:
-        return WeightDtype(text.lower())
-    except ValueError:
-        raise KvcError(f"unknown weight dtype {text!r}; choose one of {list(WEIGHT_DTYPE_NAMES)}") from None
-
+    return _parse_choice(WeightDtype, text, "weight dtype")
 
 
 SCALE_TVM_DTYPE = "float32"  # per-token scale rings
