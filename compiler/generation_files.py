@@ -82,9 +82,9 @@ def tokenizer_adds_bos(model_dir: Path, bos: int) -> Optional[bool]:
     except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for malformed files
         raise CheckpointError(f"cannot load tokenizer {path} ({str(exc)[:120]}); pass a valid Hugging Face "
                               "tokenizer.json") from None
-    with_special = tokenizer.encode("a", add_special_tokens=True).ids
-    plain = tokenizer.encode("a", add_special_tokens=False).ids
-    return with_special[:1] == [bos] and plain[:1] != [bos]
+    from kvc.models.tokenizer import post_processor_adds_bos
+
+    return post_processor_adds_bos(tokenizer, bos)
 
 
 def check_ids_in_vocab(generation: dict[str, Any], vocab_size: int, where: str) -> None:

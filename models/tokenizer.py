@@ -43,6 +43,13 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
             from None
 
 
+def post_processor_adds_bos(tokenizer: Tokenizer, bos: int) -> bool:
+    """Whether the tokenizer's post-processor prepends ``bos`` to plain text (it is not part of the text)."""
+    with_special = tokenizer.encode("a", add_special_tokens=True).ids
+    plain = tokenizer.encode("a", add_special_tokens=False).ids
+    return with_special[:1] == [bos] and plain[:1] != [bos]
+
+
 # --------------------------------------------------------------------------- llama2.c tokenizer .bin
 @dataclass(frozen=True)
 class Llama2cVocab:

@@ -113,9 +113,9 @@ def _adds_bos(bos: Optional[int], tok_config: dict, tokenizer: Optional[Tokenize
         return False
     if isinstance(tok_config.get("add_bos_token"), bool):
         return tok_config["add_bos_token"]
-    with_special = tokenizer.encode("a", add_special_tokens=True).ids
-    plain = tokenizer.encode("a", add_special_tokens=False).ids
-    return with_special[:1] == [bos] and plain[:1] != [bos]
+    from kvc.models.tokenizer import post_processor_adds_bos
+
+    return post_processor_adds_bos(tokenizer, bos)
 
 
 def _chat_template(root: Path, tok_config: dict) -> str | list | None:
