@@ -41,8 +41,8 @@ class CheckMismatch(KvcError):
 
 @dataclass(frozen=True)
 class OriginalCheck:
-    """What `kvc compile` needs for the check: the plan and the original's logits, taken before the passes
-    rewrite the model; ``against`` runs the staged artifact and compares."""
+    """What `kvc compile` needs for the check: the plan and the original's logits (from the input file, which
+    the passes never touch: they rewrite the model in memory); ``against`` runs the staged artifact and compares."""
     plan: "CheckPlan"
     reference: "Reference"
 

@@ -108,27 +108,20 @@ def decoded(weights: np.ndarray, options: WeightQuantOptions, axis: int) -> np.n
 
 
 def decode_weights_in_place(model: ir.Model, options: WeightQuantOptions) -> None:
-    """Replace every weight the scheme stores by its decoded values (blocks along K for MatMul weights,
-    along H for embedding tables, whose transpose a tied lm_head reads): the fp32 graph that computes
-    what the quantized one does, up to summation order."""
+    """Replace every weight the pass stores (the same selection) by its decoded values: blocks along K for
+    MatMul weights, along H for embedding tables, whose decoded rows a tied lm_head reads transposed. The
+    fp32 graph that computes what the quantized one does, up to summation order."""
     graph = model.graph
-    tables = {}
-    for node in graph:
-        value = node.inputs[0] if node.op_type == "Gather" else node.inputs[1] if node.op_type == "MatMul" else None
-        if value is None or value.name not in graph.initializers or value.const_value is None:
-            continue
-        if value.const_value.dtype != ir.DataType.FLOAT or value.shape is None or len(value.shape) != 2:
-            continue
-        axis = 1 if node.op_type == "Gather" else 0
-        array = value.const_value.numpy()
-        if node.op_type == "Gather":
-            tables[value.name] = array
-        value.const_value = ir.tensor(decoded(array, options, axis), name=value.name)
-    for name, value in graph.initializers.items():  # tied lm_heads: the table's decoded rows, transposed
-        array = value.const_value.numpy() if value.const_value is not None else None
-        for table in tables.values():
-            if array is not None and array.shape == table.shape[::-1] and np.array_equal(array, table.T):
-                value.const_value = ir.tensor(decoded(table, options, 1).T.copy(), name=name)
+    tied_names: set[str] = set()
+    for table in _embedding_tables(graph):
+        rows = decoded(table.const_value.numpy(), options, 1)
+        for weight in [w for w in _matmul_weights(graph) if _is_transpose_of(w, table)]:
+            weight.const_value = ir.tensor(rows.T.copy(), name=weight.name)
+            tied_names.add(weight.name)
+        table.const_value = ir.tensor(rows, name=table.name)
+    for weight in _matmul_weights(graph):
+        if weight.name not in tied_names:
+            weight.const_value = ir.tensor(decoded(weight.const_value.numpy(), options, 0), name=weight.name)
 
 
 # --- the pass ---------------------------------------------------------------------------------
