@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from kvc.passes.base import KvcPass, PassReport
 
@@ -62,7 +63,7 @@ class LowerOrtMatMulNBitsPass(KvcPass):
         if report.matched:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
             graph.opset_imports.setdefault(MS_DOMAIN, 1)
-            _remove_unused(graph)
+            RemoveUnusedNodesPass()(model)  # the dequantize / transpose nodes and their codes
             graph.sort()
         return report
 
@@ -205,18 +206,3 @@ def _take_value(graph: ir.Graph, old_node: ir.Node, new: ir.Value) -> None:
     name = old.name
     graph.remove(old_node, safe=True)
     new.name = name
-
-
-def _remove_unused(graph: ir.Graph) -> None:
-    """Dequantize / Transpose nodes and initializers no node reads any more."""
-    changed = True
-    while changed:
-        changed = False
-        for node in list(graph):
-            if node.op_type in ("DequantizeLinear", "Transpose") and not any(o.uses() for o in node.outputs) \
-                    and not any(o.is_graph_output() for o in node.outputs):
-                graph.remove(node, safe=True)
-                changed = True
-    for name, value in list(graph.initializers.items()):
-        if not value.uses() and not value.is_graph_input() and not value.is_graph_output():
-            graph.initializers.pop(name)
