@@ -1,0 +1,144 @@
+"""Plain torch.onnx.export graphs of transformers models (TorchScript and dynamo exporters, opset 18, past
+KV as explicit inputs/outputs: tests/passes/_hf_exports.py) -> kvc compile, with no config.json beside
+the graph -> 32 greedy tokens equal transformers' generate on 3 prompts, two of them longer than Mistral's
+8-token window (a window the graph applies by cropping its caches, read from the graph); ORT engine for
+every (architecture, exporter), TVM on the dynamo Llama graph; fused-op counts. Plus the refusals these graphs can meet."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import _hf_exports  # noqa: E402  (tests/passes is on sys.path: conftest imports it too)
+
+PROMPTS = [[1, 5, 17, 99], [1, 3, 42, 8, 100, 61, 7, 19, 33, 12, 90, 4, 77], [1] + list(range(20, 40))]
+CAPACITY, NEW_TOKENS = 64, 32
+CASES = [(arch, exporter) for exporter in _hf_exports.EXPORTERS for arch in _hf_exports.ARCHS]
+
+
+def _compile(path: Path, out: Path, engine: str = "ort", **overrides):
+    from kvc.compiler.options import CompileOptions, Device, EngineKind
+    from kvc.compiler.pipeline import compile_model
+
+    options = CompileOptions(engine=EngineKind(engine), device=Device("cpu"), max_seq_len=CAPACITY, **overrides)
+    return compile_model(path, out, options, progress=lambda *_: None)
+
+
+def _hf_greedy(hf, prompt: list[int]) -> list[int]:
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def _kvc_greedy(artifact: Path, prompt: list[int]) -> list[int]:
+    from kvc.runtime import load
+    from kvc.runtime.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    return load(artifact).generate(prompt, params).token_ids
+
+
+def _graph(artifact: Path) -> onnx.GraphProto:
+    return onnx.load(str(artifact / "graph.onnx"), load_external_data=False).graph
+
+
+def _assert_tokens_equal_transformers(arch: str, artifact: Path) -> None:
+    hf = _hf_exports.tiny_hf_model(arch)
+    for prompt in PROMPTS:
+        assert _kvc_greedy(artifact, prompt) == _hf_greedy(hf, prompt), (arch, prompt)
+
+
+@pytest.mark.parametrize("arch, exporter", CASES)
+def test_ort_engine_tokens_equal_transformers(hf_export, arch, exporter, tmp_path):
+    export = hf_export(arch, exporter)
+    result = _compile(export.path, tmp_path / "out.kvc")
+    graph = _graph(tmp_path / "out.kvc")
+    counts = Counter(n.op_type for n in graph.node)
+    layers = export.num_layers
+    assert counts["Attention"] == layers and counts["TensorScatter"] == 2 * layers and counts["Softmax"] == 0, counts
+    if export.is_llama_family:
+        assert counts["RotaryEmbedding"] == 2 * layers and counts["RMSNormalization"] == 2 * layers + 1, counts
+    window = _hf_exports.MISTRAL_WINDOW if arch == "mistral" else None
+    assert result.manifest.cache.sliding_window == window
+    _assert_tokens_equal_transformers(arch, tmp_path / "out.kvc")
+
+
+def test_tvm_engine_tokens_equal_transformers(hf_export, tmp_path):
+    """Only the dynamo Llama graph builds on TVM so far: TorchScript graphs keep Reshape targets computed
+    from shapes whose head counts shape inference lost, and the dynamo Mistral mask a symbolic Range."""
+    export = hf_export("llama", "dynamo")
+    _compile(export.path, tmp_path / "out.kvc", engine="tvm")
+    _assert_tokens_equal_transformers("llama", tmp_path / "out.kvc")
+
+
+# --- refusals ------------------------------------------------------------------------------------
+
+def test_window_other_than_the_graphs_is_refused(hf_export):
+    from kvc.compiler.options import CompileOptions
+    from kvc.compiler.model_description import describe_model
+    from kvc.errors import GraphError
+
+    export = hf_export("mistral", "torchscript")
+    model = ir.load(export.path)
+    described = describe_model(model, export.path.parent, CompileOptions(max_seq_len=CAPACITY))
+    assert described.sliding_window == described.original_window == _hf_exports.MISTRAL_WINDOW
+    config = _hf_exports.tiny_hf_model("mistral").config
+    config.sliding_window = 16
+    config.to_json_file(export.path.parent / "config.json")
+    try:
+        with pytest.raises(GraphError, match="says sliding window 16 but the graph crops its caches to the last 7"):
+            describe_model(model, export.path.parent, CompileOptions(max_seq_len=CAPACITY))
+    finally:
+        (export.path.parent / "config.json").unlink()
+
+
+def test_ring_pass_refuses_a_window_the_crops_contradict(hf_export):
+    """The pass alone (an API user who skips the model description): the crop's window must be asked for."""
+    from kvc.errors import GraphError
+    from kvc.passes.fusion_pipeline import run_fusions
+    from kvc.passes.kv_layout import RingBufferOptions
+    from kvc.passes.kv_ring_buffer import KvRingBufferPass
+
+    model = ir.load(hf_export("mistral", "torchscript").path)
+    run_fusions(model)
+    with pytest.raises(GraphError, match=r"keeps the last 7 cached positions .* compile with --sliding-window 8"):
+        KvRingBufferPass(RingBufferOptions(capacity=CAPACITY))(model)
+
+
+def test_live_past_length_read_is_refused_by_name(hf_export):
+    """A past-length read that feeds more than the mask (here: added to the logits) cannot come from a ring:
+    the past-shapes pass rebuilds it from attention_mask, which the ring pass then names."""
+    from kvc.errors import GraphError
+    from kvc.passes.fusion_pipeline import run_fusions
+    from kvc.passes.kv_layout import RingBufferOptions
+    from kvc.passes.kv_ring_buffer import KvRingBufferPass
+
+    model = ir.load(hf_export("llama", "torchscript").path)
+    graph = model.graph
+    past = next(v for v in graph.inputs if v.name == "past_key_values.0.key")
+    logits = graph.outputs[0]
+    tape = ir.tape.Tape(graph)
+    length = tape.op("Cast", [tape.op("Shape", [past], {"start": 2, "end": 3})], {"to": ir.DataType.FLOAT})
+    shifted = tape.op("Add", [logits.producer().outputs[0], length])
+    graph.outputs[0] = shifted
+    shifted.name, logits.name = "logits", "logits_before"
+    run_fusions(model)
+    with pytest.raises(GraphError, match="attention_mask is used by Shape node"):
+        KvRingBufferPass(RingBufferOptions(capacity=CAPACITY))(model)
+
+
+def test_inferred_config_reads_gpt2_embedding_and_position_table(hf_export):
+    """No config.json: GPT-2's export flattens input_ids before the embedding Gather, and its learned position
+    table bounds the context (a capacity past it would index outside the table)."""
+    from kvc.compiler.model_description import infer_config
+
+    config = infer_config(ir.load(hf_export("gpt2", "torchscript").path))
+    assert (config.vocab_size, config.hidden_size, config.max_position_embeddings) == (128, 64, 256)
