@@ -1,5 +1,8 @@
 """Bring any exporter's graph into the form the fusion patterns expect.
 
+0. optimum's merged decoder (``If(use_cache_branch)`` over a decoder without past inputs and one with):
+   the with-past branch is kept (it also runs the prefill, on an empty past) and the input removed;
+   the constant folding below inlines the branch;
 1. upgrade the default opset to 23 (Attention, RotaryEmbedding, RMSNormalization exist from 23);
 2. inline functions, then onnxscript's constant folding and no-op / cleanup rewrite rules
    (Identity, no-op Cast / Expand / Transpose / Slice, Cast-Cast, Transpose-Transpose,
@@ -23,6 +26,7 @@ from onnxscript.rewriter import RewritePass, pattern
 from onnxscript.rewriter.rules import common as rules
 from onnxscript.version_converter import ConvertVersionPass
 
+from kvc.contract import USE_CACHE_BRANCH
 from kvc.passes._patterns import attr_int, const_array, const_ints, opset_version
 from kvc.passes.base import KvcPass, PassReport
 
@@ -123,6 +127,7 @@ class CanonicalizePass(KvcPass):
     def apply(self, model: ir.Model) -> PassReport:
         report = PassReport(self.name)
         nodes_before = sum(1 for _ in model.graph)
+        _take_cache_branch(model, report)
         _upgrade_opset(model, report)
         _fold_and_clean(model)
         ShapeInferencePass(data_prop=True)(model)
@@ -138,6 +143,19 @@ class CanonicalizePass(KvcPass):
         report.matched = max(nodes_before - nodes_after, 0)
         report.notes.append(f"{nodes_before} nodes -> {nodes_after} nodes")
         return report
+
+
+def _take_cache_branch(model: ir.Model, report: PassReport) -> None:
+    """Feed optimum's ``use_cache_branch`` a constant true: the If it selects folds to its with-past branch."""
+    flag = next((v for v in model.graph.inputs if v.name == USE_CACHE_BRANCH), None)
+    if flag is None or flag.dtype != ir.DataType.BOOL:
+        return
+    true = ir.Value(name=f"{USE_CACHE_BRANCH}_true", const_value=ir.tensor(np.array([True])))
+    model.graph.register_initializer(true)
+    flag.replace_all_uses_with(true)
+    model.graph.inputs.remove(flag)
+    report.notes.append(f"{USE_CACHE_BRANCH}: the with-past branch is kept")
+    report.modified = True
 
 
 def _upgrade_opset(model: ir.Model, report: PassReport) -> None:
