@@ -11,7 +11,7 @@
    SlicesSplit, whose multi-output pattern matching is quadratic in the node count (70 s on a
    24-layer model);
 3. onnx shape inference with data propagation, so Reshape outputs get head counts and sizes;
-4. fold ``Gather(Shape(x), i)`` where dimension i of x is a known integer (the folder only
+4. fold ``Gather(Shape(x), i)`` and ``Slice(Shape(x), a, b)`` where those dimensions of x are known integers (the folder only
    folds whole static shapes; exporters compute head_dim / 2 this way), then fold again.
 """
 from __future__ import annotations
@@ -65,6 +65,35 @@ class StaticShapeGather(pattern.RewriteRuleClassBase):
         return op.Constant(value=ir.tensor(self._dims))
 
 
+class StaticShapeSlice(pattern.RewriteRuleClassBase):
+    """Slice(Shape(x), starts, ends) -> Constant when the sliced dimensions of x are known integers
+    (torch's SDPA export computes its default scale as 1 / sqrt(Shape(q)[-1:]) this way)."""
+
+    def __init__(self):
+        super().__init__("StaticShapeSlice", remove_nodes=False)  # the Shape may have other users
+
+    def pattern(self, op, x, starts, ends):
+        shape = op.Shape(x, _allow_other_attributes=True, _outputs=["shape"])
+        return op.Slice(shape, starts, ends, _outputs=["sliced"])
+
+    def check(self, context, x, starts, ends, shape, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        self._dims = None
+        first, last = const_ints(starts), const_ints(ends)
+        if first is None or last is None or len(first) != 1 or len(last) != 1 or x.shape is None:
+            return result.fail("slice bounds or input shape unknown")
+        node = shape.producer()
+        dims = list(x.shape)[attr_int(node, "start", 0):attr_int(node, "end", x.shape.rank()) or None]
+        picked = dims[slice(first[0], last[0])]
+        if not picked or not all(isinstance(d, int) for d in picked):
+            return result.fail("sliced dimensions are symbolic")
+        self._dims = np.asarray(picked, dtype=np.int64)
+        return result
+
+    def rewrite(self, op, **_):
+        return op.Constant(value=ir.tensor(self._dims))
+
+
 class SplitOffNothing(pattern.RewriteRuleClassBase):
     """Split(x, [n, 0]) on an axis of size n: the first part is x itself (ONNX's RotaryEmbedding
     function body splits off an empty "not rotated" part when the whole head is rotated)."""
@@ -92,7 +121,7 @@ class SplitOffNothing(pattern.RewriteRuleClassBase):
 
 def _static_shape_rules() -> pattern.RewriteRuleSet:
     """Built per run: StaticShapeGather keeps its match's dims between check and rewrite."""
-    return pattern.RewriteRuleSet([StaticShapeGather.rule(), SplitOffNothing.rule()])
+    return pattern.RewriteRuleSet([StaticShapeGather.rule(), StaticShapeSlice.rule(), SplitOffNothing.rule()])
 
 
 _CLEANUP_RULES = pattern.RewriteRuleSet([
