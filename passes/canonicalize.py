@@ -156,9 +156,10 @@ class CanonicalizePass(KvcPass):
     def apply(self, model: ir.Model) -> PassReport:
         report = PassReport(self.name)
         nodes_before = sum(1 for _ in model.graph)
-        _take_cache_branch(model, report)
+        selected = _take_cache_branch(model, report)
         _upgrade_opset(model, report)
         _fold_and_clean(model)
+        _release_dropped_branches(selected)
         ShapeInferencePass(data_prop=True)(model)
         if _static_shape_rules().apply_to_model(model):
             # Fold the arithmetic on the new constants (head_dim / 2, ...), then drop what it fed.
@@ -174,17 +175,32 @@ class CanonicalizePass(KvcPass):
         return report
 
 
-def _take_cache_branch(model: ir.Model, report: PassReport) -> None:
-    """Feed optimum's ``use_cache_branch`` a constant true: the If it selects folds to its with-past branch."""
+def _take_cache_branch(model: ir.Model, report: PassReport) -> list[ir.Node]:
+    """Feed optimum's ``use_cache_branch`` a constant true: the If it selects folds to its with-past branch.
+    Returns the If nodes it selects on."""
     flag = next((v for v in model.graph.inputs if v.name == USE_CACHE_BRANCH), None)
     if flag is None or flag.dtype != ir.DataType.BOOL:
-        return
+        return []
+    selected = [node for node, index in flag.uses() if node.op_type == "If" and index == 0]
     true = ir.Value(name=f"{USE_CACHE_BRANCH}_true", const_value=ir.tensor(np.array([True])))
     model.graph.register_initializer(true)
     flag.replace_all_uses_with(true)
     model.graph.inputs.remove(flag)
     report.notes.append(f"{USE_CACHE_BRANCH}: the with-past branch is kept")
     report.modified = True
+    return selected
+
+
+def _release_dropped_branches(selected: list[ir.Node]) -> None:
+    """The folded If's else branch still reads the outer graph's values (attention_mask, the pasts): its nodes
+    stay registered as their users, which later passes would count. Detach them once the If is gone."""
+    for node in selected:
+        if node.graph is not None:
+            continue  # not folded: the graph keeps the If, and its branches stay as they are
+        dropped = node.attributes["else_branch"].as_graph()
+        for inner in ir.traversal.RecursiveGraphIterator(dropped):
+            for index in range(len(inner.inputs)):
+                inner.replace_input_with(index, None)
 
 
 def _upgrade_opset(model: ir.Model, report: PassReport) -> None:
