@@ -27,6 +27,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass, TopologicalSortPass
 from onnxscript.rewriter import pattern
 
+from kvc.errors import GraphError
 from kvc.passes._patterns import (FLOAT_TYPES, ProbeError, SampleDims, attr_int, const_ints, const_scalar,
                                   downstream_nodes, explain_no_match, rank, run_slice,
                                   sample_like, static_dim, summarize)
@@ -220,7 +221,11 @@ class FuseAttentionPass(KvcPass):
         if report.matched:
             report.notes.extend(_detach_cache_shape_reads(model))
             with_past = past_rules().apply_to_model(model)
-        TopologicalSortPass()(model)  # present outputs now come from nodes later in the graph
+        try:
+            TopologicalSortPass()(model)  # present outputs now come from nodes later in the graph
+        except ValueError as e:  # every re-pointing above is checked for cycles: this is a bug, not the user's
+            raise GraphError(f"the attention fusion left a cycle in the graph ({e}); please report this graph "
+                             "(kvc compile --dump-passes DIR writes the graph it started from)") from None
         if report.matched:
             report.notes.append(f"{with_past} of {report.matched} take past_key/past_value")
         report.notes.extend(summarize(self.name, "Softmax nodes", _leftover_reasons(model)))
