@@ -11,8 +11,9 @@
    SlicesSplit, whose multi-output pattern matching is quadratic in the node count (70 s on a
    24-layer model);
 3. onnx shape inference with data propagation, so Reshape outputs get head counts and sizes;
-4. fold ``Gather(Shape(x), i)`` and ``Slice(Shape(x), a, b)`` where those dimensions of x are known integers (the folder only
-   folds whole static shapes; exporters compute head_dim / 2 this way), then fold again.
+4. fold ``Gather(Shape(x), i)`` and ``Slice(Shape(x), a, b)`` where those dimensions of x are known integers
+   (the folder only folds whole static shapes; exporters compute head_dim / 2 and SDPA's default scale this
+   way), then fold again.
 """
 from __future__ import annotations
 

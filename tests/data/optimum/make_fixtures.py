@@ -10,8 +10,9 @@ CASES, weights from ``seeded_weights``, a numpy generator, so any transformers v
 ``optimum-cli export onnx --task text-generation-with-past`` (one graph with past inputs, empty past for the prefill:
 the form optimum-onnx 0.1 writes), and ``merged``: the same checkpoint exported as a decoder without past and one
 with past, joined by ``optimum.onnx.merge_decoders`` into the ``use_cache_branch`` If-graph older optimum wrote.
-Kept per case: model.onnx.gz (weights inline; the tests unpack it beside config.json), config.json, and reference.json: transformers' greedy ``generate``
-(32 new tokens, EOS ignored) for PROMPTS, computed here, as the suite's transformers may differ.
+Kept per case: model.onnx.gz (weights inline; the tests unpack it beside config.json), config.json, and
+reference.json: transformers' greedy ``generate`` (32 new tokens, EOS ignored) for PROMPTS, computed here, as the
+suite's transformers may differ.
 Made with optimum-onnx 0.1.0, optimum 2.1.0, transformers 4.57.6, torch 2.13.0 (CPU).
 """
 from __future__ import annotations
