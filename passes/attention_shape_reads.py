@@ -90,7 +90,8 @@ def _shape_reads(present: ir.Value, attention: ir.Node, upstream: set[ir.Node]) 
             elif user.domain == "" and user.op_type in _DATA_MOVEMENT and index == 0:
                 stack.extend(user.outputs)
             else:
-                raise ShapeReadError(f"{user.op_type} node {user.name!r} reads the values of {present.name!r} "
+                what = "the element count" if user.op_type == "Size" else "the values"
+                raise ShapeReadError(f"{user.op_type} node {user.name!r} reads {what} of {present.name!r} "
                                      f"and feeds {attention.op_type} node {attention.name!r}")
     return list(dict.fromkeys(found))
 
