@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
-from kvc.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, KvDtype, WeightDtype, is_past,
+from kvc.contract import (ATTENTION_MASK, INPUT_IDS, USE_CACHE_BRANCH, LOGITS, POSITION_IDS, KvDtype, WeightDtype, is_past,
                           is_present, past_for)
 from kvc.errors import GraphError, KvcError
 
@@ -32,7 +32,6 @@ NO_CHECK_HINT = "--no-check skips this check"
 # Inputs of foreign exports that kvc's ring graph does not take, fed the way transformers / optimum do.
 TOKEN_TYPE_IDS = "token_type_ids"
 CACHE_POSITION = "cache_position"
-USE_CACHE_BRANCH = "use_cache_branch"  # optimum's merged decoder: true once a past exists
 
 
 class CheckMismatch(KvcError):

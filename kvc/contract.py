@@ -20,6 +20,7 @@ INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"
 ATTENTION_MASK = "attention_mask"  # the concat (export) form's input; the ring graph has none
 PAST_LEN = "past_len"
+USE_CACHE_BRANCH = "use_cache_branch"  # optimum's merged decoder (If on it): true once a past exists
 LOGITS = "logits"
 BATCH_DIM = "batch"
 

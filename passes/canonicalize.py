@@ -1,5 +1,8 @@
 """Bring any exporter's graph into the form the fusion patterns expect.
 
+0. optimum's merged decoder (``If(use_cache_branch)`` over a decoder without past inputs and one with):
+   the with-past branch is kept (it also runs the prefill, on an empty past) and the input removed;
+   the constant folding below inlines the branch;
 1. upgrade the default opset to 23 (Attention, RotaryEmbedding, RMSNormalization exist from 23);
 2. inline functions, then onnxscript's constant folding and no-op / cleanup rewrite rules
    (Identity, no-op Cast / Expand / Transpose / Slice, Cast-Cast, Transpose-Transpose,
@@ -8,8 +11,9 @@
    SlicesSplit, whose multi-output pattern matching is quadratic in the node count (70 s on a
    24-layer model);
 3. onnx shape inference with data propagation, so Reshape outputs get head counts and sizes;
-4. fold ``Gather(Shape(x), i)`` where dimension i of x is a known integer (the folder only
-   folds whole static shapes; exporters compute head_dim / 2 this way), then fold again.
+4. fold ``Gather(Shape(x), i)`` and ``Slice(Shape(x), a, b)`` where those dimensions of x are known integers
+   (the folder only folds whole static shapes; exporters compute head_dim / 2 and SDPA's default scale this
+   way), then fold again.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from onnxscript.rewriter import RewritePass, pattern
 from onnxscript.rewriter.rules import common as rules
 from onnxscript.version_converter import ConvertVersionPass
 
+from kvc.contract import USE_CACHE_BRANCH
 from kvc.passes._patterns import attr_int, const_array, const_ints, opset_version
 from kvc.passes.base import KvcPass, PassReport
 
@@ -61,6 +66,35 @@ class StaticShapeGather(pattern.RewriteRuleClassBase):
         return op.Constant(value=ir.tensor(self._dims))
 
 
+class StaticShapeSlice(pattern.RewriteRuleClassBase):
+    """Slice(Shape(x), starts, ends) -> Constant when the sliced dimensions of x are known integers
+    (torch's SDPA export computes its default scale as 1 / sqrt(Shape(q)[-1:]) this way)."""
+
+    def __init__(self):
+        super().__init__("StaticShapeSlice", remove_nodes=False)  # the Shape may have other users
+
+    def pattern(self, op, x, starts, ends):
+        shape = op.Shape(x, _allow_other_attributes=True, _outputs=["shape"])
+        return op.Slice(shape, starts, ends, _outputs=["sliced"])
+
+    def check(self, context, x, starts, ends, shape, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        self._dims = None
+        first, last = const_ints(starts), const_ints(ends)
+        if first is None or last is None or len(first) != 1 or len(last) != 1 or x.shape is None:
+            return result.fail("slice bounds or input shape unknown")
+        node = shape.producer()
+        dims = list(x.shape)[attr_int(node, "start", 0):attr_int(node, "end", x.shape.rank()) or None]
+        picked = dims[slice(first[0], last[0])]
+        if not picked or not all(isinstance(d, int) for d in picked):
+            return result.fail("sliced dimensions are symbolic")
+        self._dims = np.asarray(picked, dtype=np.int64)
+        return result
+
+    def rewrite(self, op, **_):
+        return op.Constant(value=ir.tensor(self._dims))
+
+
 class SplitOffNothing(pattern.RewriteRuleClassBase):
     """Split(x, [n, 0]) on an axis of size n: the first part is x itself (ONNX's RotaryEmbedding
     function body splits off an empty "not rotated" part when the whole head is rotated)."""
@@ -88,7 +122,7 @@ class SplitOffNothing(pattern.RewriteRuleClassBase):
 
 def _static_shape_rules() -> pattern.RewriteRuleSet:
     """Built per run: StaticShapeGather keeps its match's dims between check and rewrite."""
-    return pattern.RewriteRuleSet([StaticShapeGather.rule(), SplitOffNothing.rule()])
+    return pattern.RewriteRuleSet([StaticShapeGather.rule(), StaticShapeSlice.rule(), SplitOffNothing.rule()])
 
 
 _CLEANUP_RULES = pattern.RewriteRuleSet([
@@ -123,8 +157,10 @@ class CanonicalizePass(KvcPass):
     def apply(self, model: ir.Model) -> PassReport:
         report = PassReport(self.name)
         nodes_before = sum(1 for _ in model.graph)
+        selected = _take_cache_branch(model, report)
         _upgrade_opset(model, report)
         _fold_and_clean(model)
+        _release_dropped_branches(selected)
         ShapeInferencePass(data_prop=True)(model)
         if _static_shape_rules().apply_to_model(model):
             # Fold the arithmetic on the new constants (head_dim / 2, ...), then drop what it fed.
@@ -138,6 +174,34 @@ class CanonicalizePass(KvcPass):
         report.matched = max(nodes_before - nodes_after, 0)
         report.notes.append(f"{nodes_before} nodes -> {nodes_after} nodes")
         return report
+
+
+def _take_cache_branch(model: ir.Model, report: PassReport) -> list[ir.Node]:
+    """Feed optimum's ``use_cache_branch`` a constant true: the If it selects folds to its with-past branch.
+    Returns the If nodes it selects on."""
+    flag = next((v for v in model.graph.inputs if v.name == USE_CACHE_BRANCH), None)
+    if flag is None or flag.dtype != ir.DataType.BOOL:
+        return []
+    selected = [node for node, index in flag.uses() if node.op_type == "If" and index == 0]
+    true = ir.Value(name=f"{USE_CACHE_BRANCH}_true", const_value=ir.tensor(np.array([True])))
+    model.graph.register_initializer(true)
+    flag.replace_all_uses_with(true)
+    model.graph.inputs.remove(flag)
+    report.notes.append(f"{USE_CACHE_BRANCH}: the with-past branch is kept")
+    report.modified = True
+    return selected
+
+
+def _release_dropped_branches(selected: list[ir.Node]) -> None:
+    """The folded If's else branch still reads the outer graph's values (attention_mask, the pasts): its nodes
+    stay registered as their users, which later passes would count. Detach them once the If is gone."""
+    for node in selected:
+        if node.graph is not None:
+            continue  # not folded: the graph keeps the If, and its branches stay as they are
+        dropped = node.attributes["else_branch"].as_graph()
+        for inner in ir.traversal.RecursiveGraphIterator(dropped):
+            for index in range(len(inner.inputs)):
+                inner.replace_input_with(index, None)
 
 
 def _upgrade_opset(model: ir.Model, report: PassReport) -> None:

@@ -27,9 +27,12 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass, TopologicalSortPass
 from onnxscript.rewriter import pattern
 
+from kvc.errors import GraphError
 from kvc.passes._patterns import (FLOAT_TYPES, ProbeError, SampleDims, attr_int, const_ints, const_scalar,
                                   downstream_nodes, explain_no_match, rank, run_slice,
                                   sample_like, static_dim, summarize)
+from kvc.passes.attention_shape_reads import (ShapeReadError, ancestors, describe, detach_shape_reads,
+                                              upstream_users)
 from kvc.passes.base import KvcPass, PassReport
 
 MIN_OPSET = 23
@@ -115,6 +118,11 @@ class AttentionCoreFusion(pattern.RewriteRuleClassBase):
         if exposed is not None and mode is None:
             return result.fail("an intermediate score tensor is also used elsewhere and has no "
                                "qk_matmul_output_mode equivalent")
+        if exposed is not None:
+            blocking = upstream_users(exposed, ancestors([query_BHSD, key, value, mask if b.get("has_mask") else None]))
+            if blocking:
+                return result.fail(f"{describe(blocking)} read the scores {exposed.name!r} and feed the attention's "
+                                   "own inputs: exposing them as qk_matmul_output would make a cycle")
         sm_dtype = b.get("softmax_dtype")
         self._plan = _Plan(key, value, scale, softcap, sm_dtype.as_int() if b.get("softmax_cast") else None,
                            exposed, mode)
@@ -153,8 +161,9 @@ class AttentionPastFusion(pattern.RewriteRuleClassBase):
         self._with_qk = with_qk_output
 
     def pattern(self, op, query_BHSD, past_key_BKPD, key_BKSD, past_value_BKPD, value_BKSDv, key_axis, value_axis):
-        present_key_BKTD = op.Concat(past_key_BKPD, key_BKSD, axis=key_axis)
-        present_value_BKTDv = op.Concat(past_value_BKPD, value_BKSDv, axis=value_axis)
+        present_key_BKTD = op.Concat(past_key_BKPD, key_BKSD, axis=key_axis, _outputs=["present_key_BKTD"])
+        present_value_BKTDv = op.Concat(past_value_BKPD, value_BKSDv, axis=value_axis,
+                                        _outputs=["present_value_BKTDv"])
         outputs = ["attn_BHSDv", "unused_key", "unused_value", "qk_BHST"] if self._with_qk else ["attn_BHSDv"]
         result = op.Attention(query_BHSD, present_key_BKTD, present_value_BKTDv,
                               pattern.Var("mask", can_match_none=True), _allow_other_attributes=True,
@@ -164,7 +173,7 @@ class AttentionPastFusion(pattern.RewriteRuleClassBase):
         return result, present_key_BKTD, present_value_BKTDv
 
     def check(self, context, past_key_BKPD, key_BKSD, past_value_BKPD, value_BKSDv, key_axis, value_axis,
-              **_) -> pattern.MatchResult:
+              present_key_BKTD, present_value_BKTDv, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
         if len(context.root.outputs) != (4 if self._with_qk else 1):
             # (onnxscript's matcher accepts a node with fewer outputs than the pattern names)
@@ -173,6 +182,13 @@ class AttentionPastFusion(pattern.RewriteRuleClassBase):
             return result.fail("past and new keys/values are not concatenated on the sequence axis")
         if any(rank(v) not in (4, None) for v in (past_key_BKPD, key_BKSD, past_value_BKPD, value_BKSDv)):
             return result.fail("past or new key/value is not 4-D")
+        upstream = ancestors(context.root.inputs)
+        for present in (present_key_BKTD, present_value_BKTDv):
+            blocking = upstream_users(present, upstream)
+            if blocking:
+                return result.fail(f"{describe(blocking)} read the concatenated cache {present.name!r} and feed "
+                                   f"Attention node {context.root.name!r}: folding the Concat into it would make a "
+                                   "cycle")
         return result
 
     def rewrite(self, op, query_BHSD, past_key_BKPD, key_BKSD, past_value_BKPD, value_BKSDv, mask, attn_BHSDv,
@@ -201,12 +217,42 @@ class FuseAttentionPass(KvcPass):
         report = PassReport(self.name)
         ShapeInferencePass(data_prop=True)(model)  # earlier fusions left new values without shapes
         report.matched = core_rules().apply_to_model(model)
-        with_past = past_rules().apply_to_model(model) if report.matched else 0
-        TopologicalSortPass()(model)  # present outputs now come from nodes later in the graph
+        with_past = 0
+        if report.matched:
+            report.notes.extend(_detach_cache_shape_reads(model))
+            with_past = past_rules().apply_to_model(model)
+        try:
+            TopologicalSortPass()(model)  # present outputs now come from nodes later in the graph
+        except ValueError as e:  # every re-pointing above is checked for cycles: this is a bug, not the user's
+            raise GraphError(f"the attention fusion left a cycle in the graph ({e}); please report this graph "
+                             "(kvc compile --dump-passes DIR writes the graph it started from)") from None
         if report.matched:
             report.notes.append(f"{with_past} of {report.matched} take past_key/past_value")
         report.notes.extend(summarize(self.name, "Softmax nodes", _leftover_reasons(model)))
         return report
+
+
+def _detach_cache_shape_reads(model: ir.Model) -> list[str]:
+    """Shape reads of Concat(past, new) caches that the Attention's own inputs depend on (the mask crop of
+    transformers' sdpa/eager attention) are computed from the Concat's inputs instead, so the past fusion can
+    fold the Concat without a cycle. Returns notes for the caches it could not detach."""
+    notes = []
+    opsets = dict(model.graph.opset_imports)
+    attentions = [n for n in model.graph if n.op_type == "Attention" and n.domain == "" and len(n.inputs) <= 4]
+    for attention in attentions:
+        for cache in attention.inputs[1:3]:
+            concat = cache.producer() if cache is not None else None
+            if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2:
+                continue
+            try:
+                count = detach_shape_reads(concat, attention, opsets)
+            except ShapeReadError as e:
+                notes.append(f"attention: Attention node {attention.name!r} keeps its Concat cache: {e}")
+                continue
+            if count:
+                notes.append(f"{count} shape reads of {cache.name!r} feeding {attention.name!r} now read the past "
+                             "and new keys/values")
+    return notes
 
 
 # --- key / value sources ---------------------------------------------------------------------------

@@ -178,3 +178,52 @@ def test_scale_from_an_input_is_not_fused(kit, tmp_path):
     assert kit.op_counts(model)["Attention"] == 0
     assert reports["attention"].notes == [
         "attention: 1 Softmax nodes not fused: scale factors are not constant scalars"]
+
+
+class CroppedMaskAttention(torch.nn.Module):
+    """transformers' sdpa/eager attention as optimum exports it: the mask is cropped to the repeated present
+    key's length, so the mask reads the shape of the Concat the past fusion folds into Attention."""
+
+    def __init__(self, kv_heads: int, reads_values: bool = False):
+        super().__init__()
+        self.group, self.reads_values = H // kv_heads, reads_values
+
+    def forward(self, q, k_new, v_new, past_k, past_v, mask):
+        k, v = torch.cat((past_k, k_new), dim=2), torch.cat((past_v, v_new), dim=2)
+        kk, vv = repeat_heads(k, self.group, "expand"), repeat_heads(v, self.group, "expand")
+        mask = mask[:, :, :, : kk.shape[-2]]
+        if self.reads_values:  # a mask that depends on the cached values: nothing can fold the Concat
+            mask = mask + 0.5 * kk.amax(dim=-1)[:, :, None, :]
+        scores = (q @ kk.transpose(-1, -2)) * (1 / math.sqrt(D)) + mask
+        return torch.softmax(scores, dim=-1) @ vv, k, v
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_mask_cropped_to_the_present_key_length_takes_the_past(kit, tmp_path, kv_heads):
+    """The crop's Shape reads of the present key are rebuilt from past length + new length (they made a cycle)."""
+    path = tmp_path / "cropped.onnx"
+    export(CroppedMaskAttention(kv_heads), kv_heads, path)
+    model, reports = fuse_and_compare(kit, path, kv_heads)  # also: the graph sorts, so it has no cycle
+    (node,) = [n for n in model.graph if n.op_type == "Attention"]
+    inputs = {v.name: v for v in model.graph.inputs}
+    assert node.inputs[4] is inputs["past_key"] and node.inputs[5] is inputs["past_value"]
+    assert kit.op_counts(model)["Concat"] == 0 or all(
+        inputs["past_key"] not in n.inputs for n in model.graph if n.op_type == "Concat")
+    assert reports["attention"].notes[-1] == "1 of 1 take past_key/past_value"
+    past_readers = {n.op_type for n, _ in inputs["past_key"].uses() if n.graph is model.graph}
+    assert past_readers <= {"Attention", "Shape"}, past_readers
+
+
+def test_mask_reading_cached_values_keeps_the_concat_and_names_the_node(kit, tmp_path):
+    """Folding the Concat would make the mask read Attention's own output: the past fusion is refused with the
+    node that blocks it, and the graph stays correct (and acyclic)."""
+    path = tmp_path / "value_mask.onnx"
+    export(CroppedMaskAttention(4, reads_values=True), 4, path)
+    model, reports = fuse_and_compare(kit, path, 4)
+    (node,) = [n for n in model.graph if n.op_type == "Attention"]
+    assert len(node.inputs) == 4 and node.inputs[1].producer().op_type == "Concat"
+    notes = reports["attention"].notes
+    assert notes[-1] == "0 of 1 take past_key/past_value", notes
+    (blocked,) = [n for n in notes if "keeps its Concat cache" in n]
+    assert "ReduceMax node" in blocked and "reads the values of 'present_key'" in blocked, blocked
+    assert repr(node.name) in blocked
