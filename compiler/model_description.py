@@ -7,6 +7,8 @@ Sources, in this order (the first that says something wins):
   4. config.json beside the model file (optimum and other exporters write one), else
      genai_config.json (onnxruntime-genai's builder; its window applies whichever config won);
   5. inference from the graph's shapes (enough for the manifest and the planner).
+A sliding window the graph applies itself (Hugging Face's cache crops, kvc.passes.cache_crop) fills in a
+config that has none, and refuses one that says another.
 Generation defaults (EOS ids, BOS id, whether text gets BOS, sampling values), each key from the first
 source that has it (kvc.compiler.generation_files reads the files, bounded):
   1. generation_config.json beside the model (kvc export's form or Hugging Face's);
@@ -32,9 +34,10 @@ import onnx_ir as ir
 from kvc.compiler.options import CompileOptions
 from kvc.compiler.ortgenai_config import (GENAI_CONFIG_FILE, apply_genai_config, config_from_genai,
                                           generation_defaults, read_genai_config)
-from kvc.contract import GENERATION_KEY, INPUT_IDS, MODEL_CONFIG_KEY, PAST_RE, KvDtype, past_name
+from kvc.contract import GENERATION_KEY, INPUT_IDS, MODEL_CONFIG_KEY, PAST_RE, POSITION_IDS, KvDtype, past_name
 from kvc.errors import GraphError, KvcError
 from kvc.models.config import Family, ModelConfig
+from kvc.passes.cache_crop import graph_crop_window
 from kvc.passes.kv_layout import Fp8Scales
 from kvc.userfiles import parse_json
 
@@ -64,6 +67,7 @@ class ModelDescription:
 def describe_model(model: ir.Model, model_dir: Path, options: CompileOptions) -> ModelDescription:
     """Resolve the model description in the documented order (module docstring)."""
     config, source = model_config_for(model, options.config_path, model_dir)
+    config, source = _with_graph_window(config, source, model)
     genai = read_genai_config(model_dir)  # onnxruntime-genai builder output: its window lives there
     # A builder graph never applies a window itself (import_ort_genai refuses in-graph windows): kvc adds it.
     original_window = config.sliding_window if genai is None else None
@@ -83,6 +87,18 @@ def describe_model(model: ir.Model, model_dir: Path, options: CompileOptions) ->
                             generation=_generation(model_dir, model, config, genai),
                             capacity=capacity,
                             kv_dtype=options.kv_dtype, fp8_scales=_read_scales(options.kv_scales))
+
+
+def _with_graph_window(config: ModelConfig, source: str, model: ir.Model) -> tuple[ModelConfig, str]:
+    """The window a graph applies by cropping its caches (kvc.passes.cache_crop) is the model's own: a config
+    that says nothing takes it, one that says another window is the wrong config."""
+    window = graph_crop_window(model)
+    if window is None or window == config.sliding_window:
+        return config, source
+    if config.sliding_window is not None:
+        raise GraphError(f"{source} says sliding window {config.sliding_window} but the graph crops its caches to "
+                         f"the last {window - 1} positions (window {window}); pass the config.json of this model")
+    return dataclasses.replace(config, sliding_window=window), f"{source}; sliding window {window} from the graph"
 
 
 def model_config_for(model: ir.Model, config_path: Path | None,
@@ -193,18 +209,38 @@ def infer_config(model: ir.Model) -> ModelConfig:
     family = Family.LLAMA if "RMSNormalization" in ops or "RotaryEmbedding" in ops else Family.GPT2
     widths = [d for v in model.graph.initializers.values() if v.shape is not None and len(v.shape) == 2
               for d in v.shape if isinstance(d, int) and d not in (vocab, hidden)]
+    positions = _table_indexed_by(model, POSITION_IDS)  # learned positions (GPT-2): their rows bound the context
+    extra = {"max_position_embeddings": positions.shape[0]} if positions is not None \
+        and isinstance(positions.shape[0], int) else {}
     return ModelConfig(family=family, vocab_size=vocab, hidden_size=hidden, num_layers=len(layers),
                        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-                       intermediate_size=max(widths, default=4 * hidden), name="inferred")
+                       intermediate_size=max(widths, default=4 * hidden), name="inferred", **extra)
+
+
+_INDEX_PASSTHROUGH = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Identity")  # token ids stay token ids
 
 
 def _embedding_table(model: ir.Model) -> ir.Value:
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.op_type == "Gather" and len(node.inputs) > 1 and node.inputs[1] is not None \
-                and node.inputs[1].name == INPUT_IDS and node.inputs[0] is not None \
-                and node.inputs[0].shape is not None and len(node.inputs[0].shape) == 2:
-            return node.inputs[0]
-    raise GraphError("cannot find the token embedding (a Gather of input_ids); pass --config config.json")
+    table = _table_indexed_by(model, INPUT_IDS)
+    if table is None:
+        raise GraphError("cannot find the token embedding (a Gather of input_ids); pass --config config.json")
+    return table
+
+
+def _table_indexed_by(model: ir.Model, input_name: str) -> ir.Value | None:
+    """The 2-D table a Gather reads with this graph input (GPT-2's export flattens the ids first)."""
+    ids = next((v for v in model.graph.inputs if v.name == input_name), None)
+    frontier = [ids] if ids is not None else []
+    while frontier:
+        value = frontier.pop()
+        for node, index in value.uses():
+            table = node.inputs[0]
+            if node.op_type == "Gather" and index == 1 and table is not None and table.shape is not None \
+                    and len(table.shape) == 2:
+                return table
+            if node.op_type in _INDEX_PASSTHROUGH and index == 0:
+                frontier.extend(node.outputs)
+    return None
 
 
 def _query_heads(model: ir.Model) -> int | None:

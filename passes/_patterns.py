@@ -76,13 +76,15 @@ class ProbeError(Exception):
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
            ast.FloorDiv: operator.floordiv}
+_CALLS = {"Max": max, "Min": min}
 
 
 class SampleDims:
     """Gives every symbolic dimension a concrete size, the same size wherever the name appears.
 
     Sizes are distinct primes above typical head counts, so a probe cannot pass by a
-    coincidence of sizes. Expressions from the dynamo exporter ("s2 + s70") are evaluated.
+    coincidence of sizes. Expressions from the dynamo exporter ("s2 + s70", "Max(0, s75 - 63)") are
+    evaluated.
     """
 
     def __init__(self, sizes: Iterable[int] = (7, 11, 13, 17, 19, 23, 29, 31, 37, 41)):
@@ -135,6 +137,9 @@ class SampleDims:
             return self._symbol(node.id)
         if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
             return _BINARY[type(node.op)](self._evaluate(node.left), self._evaluate(node.right))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _CALLS \
+                and node.args and not node.keywords:  # sympy's Max/Min (dynamo, sliding-window crops)
+            return _CALLS[node.func.id](self._evaluate(a) for a in node.args)
         raise ProbeError(f"cannot evaluate dimension expression {ast.unparse(node)!r}")
 
 

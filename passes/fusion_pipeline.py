@@ -1,8 +1,10 @@
-"""The fusion phase of kvc's pass pipeline: canonicalize, then RMSNorm, RoPE, attention.
+"""The fusion phase of kvc's pass pipeline: canonicalize, RMSNorm, RoPE, attention, then the pasts' shape reads.
 
 Order matters: RoPE and RMSNorm fusions leave the attention inputs as plain tensors, and the
-attention fusion must run last because the KV ring-buffer pass that follows it (not part of
-this phase) rewrites the Attention nodes' past/present inputs and outputs.
+attention fusion runs after them because the KV ring-buffer pass that follows this phase
+rewrites the Attention nodes' past/present inputs and outputs. The past shape reads are
+rebuilt from other inputs after it: the attention fusion's head-repeat probes rely on the pasts' own
+symbolic sizes, which the exporters do not tie to attention_mask's.
 """
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ from kvc.passes.fuse_attention import FuseAttentionPass
 from kvc.passes.fuse_rms_norm import FuseRmsNormPass
 from kvc.passes.fuse_rotary import FuseRotaryPass
 from kvc.passes.import_ort_genai import ImportOrtGenaiPass
+from kvc.passes.past_shapes import PastShapesFromInputsPass
 
-FUSION_PASSES: list[type[KvcPass]] = [ImportOrtGenaiPass, CanonicalizePass, FuseRmsNormPass, FuseRotaryPass, FuseAttentionPass]
+FUSION_PASSES: list[type[KvcPass]] = [ImportOrtGenaiPass, CanonicalizePass, FuseRmsNormPass, FuseRotaryPass, FuseAttentionPass,
+                                      PastShapesFromInputsPass]
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ Two families of checks:
     reference stays inside the model's directory (relative, no symlink, long enough).
   * ``check_ring_input(model)``: the graph has the fused, explicit-KV form the ring-buffer pass
     rewrites: past_key_values.{i}.key/value inputs paired with present.{i}.key/value outputs,
-    one ONNX Attention per layer consuming them, whole GQA groups, a supported head size.
+    one ONNX Attention per layer consuming them (directly or through Hugging Face's sliding-window
+    crops, kvc.passes.cache_crop), whole GQA groups, a supported head size.
 Checks only read; they never modify the model, so a failing pass leaves it as it was.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from kvc.contract import PAST_PREFIX, PAST_RE, PRESENT_RE, past_name, present_name
 from kvc.errors import GraphError
+from kvc.passes.cache_crop import crop_of
 
 MAX_HEAD_DIM = 256  # widest head the attention kernels (TVM tiles, ORT flash paths) are planned for
 ATTENTION_OP = ("", "Attention")
@@ -52,6 +54,8 @@ class FusedLayer:
     num_heads: int | None  # None when Q's head dimension is symbolic
     num_kv_heads: int
     head_dim: int
+    crops: tuple[ir.Node, ...] = ()  # sliding-window crops around the cache I/O (kvc.passes.cache_crop)
+    crop_window: int | None = None  # the window they apply
 
 
 # --- graph structure -------------------------------------------------------------------------
@@ -97,25 +101,43 @@ def _check_pairs(pasts: dict, presents: dict) -> None:
                              "past and present caches must come in pairs: re-export the model")
 
 
-def find_fused_attention(io: KvLayerIO) -> ir.Node:
-    """The ONNX Attention node that takes this layer's past key/value and returns its presents."""
-    node = _single_consumer(io.past_key)
+@dataclass(frozen=True)
+class FusedAttention:
+    """A layer's Attention node and the sliding-window crops between it and the cache I/O, if any."""
+
+    node: ir.Node
+    crops: tuple[ir.Node, ...]  # the four Slice nodes of a cropped cache (kvc.passes.cache_crop), or none
+    window: int | None  # the window those crops apply
+
+
+def find_fused_attention(io: KvLayerIO) -> FusedAttention:
+    """The ONNX Attention node that takes this layer's past key/value and returns its presents, looking
+    through Hugging Face's sliding-window crops (past -> Slice -> Attention -> Slice -> present)."""
     where = f"layer {io.layer}"
+    crops: list[ir.Node] = []
+    keeps: set[int] = set()
+    past_key, past_value = (_past_as_read(past, crops, keeps) for past in (io.past_key, io.past_value))
+    node = _single_consumer(past_key)
     if node is None or (node.domain, node.op_type) != ATTENTION_OP:
-        ops = sorted({n.op_type for n, _ in io.past_key.uses()}) or ["nothing"]
+        ops = sorted({n.op_type for n, _ in past_key.uses()}) or ["nothing"]
         raise GraphError(f"{where}: attention is not fused ({io.past_key.name} feeds {', '.join(ops)}, not an "
                          f"ONNX Attention node's past_key input); the ring-buffer pass needs the fused form: "
                          f"{FUSE_HINT}")
-    expected = {(io.past_key, PAST_KEY_INPUT), (io.past_value, PAST_VALUE_INPUT)}
-    actual = {(v, i) for i, v in enumerate(node.inputs) if v is io.past_key or v is io.past_value}
-    if actual != expected or list(io.past_value.uses()) != [(node, PAST_VALUE_INPUT)]:
+    expected = {(past_key, PAST_KEY_INPUT), (past_value, PAST_VALUE_INPUT)}
+    actual = {(v, i) for i, v in enumerate(node.inputs) if v is past_key or v is past_value}
+    if actual != expected or list(past_value.uses()) != [(node, PAST_VALUE_INPUT)]:
         raise GraphError(f"{where}: {io.past_key.name}/{io.past_value.name} are not the past_key/past_value "
                          f"inputs of one Attention node ({node.name}); {FUSE_HINT}")
-    if len(node.outputs) < 3 or node.outputs[PRESENT_KEY_OUTPUT] is not io.present_key or \
-            node.outputs[PRESENT_VALUE_OUTPUT] is not io.present_value:
+    presents = [_present_as_written(node, index, present, crops, keeps)
+                for index, present in ((PRESENT_KEY_OUTPUT, io.present_key), (PRESENT_VALUE_OUTPUT, io.present_value))]
+    if len(node.outputs) < 3 or None in presents:
         raise GraphError(f"{where}: {io.present_key.name}/{io.present_value.name} are not the present outputs of "
                          f"the Attention node {node.name}; {FUSE_HINT}")
-    return node
+    if crops and (len(crops) != 4 or len(keeps) != 1):
+        raise GraphError(f"{where}: only some of {io.past_key.name}, {io.past_value.name}, {io.present_key.name}, "
+                         f"{io.present_value.name} are cropped to a sliding window, or to different lengths "
+                         f"(Slice nodes {', '.join(c.name or '?' for c in crops)}); kvc cannot tell the window")
+    return FusedAttention(node, tuple(crops), keeps.pop() + 1 if crops else None)
 
 
 def _single_consumer(value: ir.Value) -> ir.Node | None:
@@ -123,6 +145,32 @@ def _single_consumer(value: ir.Value) -> ir.Node | None:
     if len(uses) != 1 or uses[0][1] != PAST_KEY_INPUT:
         return None
     return uses[0][0]
+
+
+def _past_as_read(past: ir.Value, crops: list[ir.Node], keeps: set[int]) -> ir.Value:
+    """What the Attention reads: the past itself, or its crop."""
+    crop = crop_of(past)
+    if crop is None:
+        return past
+    crops.append(crop[0])
+    keeps.add(crop[1])
+    return crop[0].outputs[0]
+
+
+def _present_as_written(node: ir.Node, index: int, present: ir.Value, crops: list[ir.Node],
+                       keeps: set[int]) -> ir.Value | None:
+    """The Attention's present output when it is the graph output itself or is cropped into it."""
+    if len(node.outputs) <= index:
+        return None
+    output = node.outputs[index]
+    if output is present:
+        return output
+    crop = crop_of(output)
+    if crop is None or crop[0].outputs[0] is not present:
+        return None
+    crops.append(crop[0])
+    keeps.add(crop[1])
+    return output
 
 
 def check_head_counts(num_heads: int | None, num_kv_heads: int, where: str) -> None:
@@ -147,7 +195,8 @@ def _static_dim(value: ir.Value, axis: int) -> int | None:
 
 
 def check_fused_layer(io: KvLayerIO, query_heads: int | None) -> FusedLayer:
-    node = find_fused_attention(io)
+    fused = find_fused_attention(io)
+    node = fused.node
     where = f"layer {io.layer}"
     if node.attributes.get("q_num_heads") is not None or _rank(node.inputs[1]) not in (None, 4):
         raise GraphError(f"{where}: Attention takes 3-D key/value; the ring-buffer pass needs 4-D "
@@ -159,19 +208,19 @@ def check_fused_layer(io: KvLayerIO, query_heads: int | None) -> FusedLayer:
         raise GraphError(f"{where}: {io.past_key.name} has no fixed kv-head count (dim 1); re-export with static heads")
     check_head_dim(head_dim, where)
     check_head_counts(query_heads, kv_heads, where)
-    return FusedLayer(io, node, query_heads, kv_heads, head_dim)
+    return FusedLayer(io, node, query_heads, kv_heads, head_dim, fused.crops, fused.window)
 
 
 def query_heads(model: ir.Model, layers: list[KvLayerIO]) -> list[int | None]:
     """Query heads per layer from Q's shape; when the graph does not say, from ONNX shape inference
     on a clone (tensors shared, so it is cheap and the model itself stays untouched)."""
-    heads = [_static_dim(find_fused_attention(io).inputs[0], 1) for io in layers]
+    heads = [_static_dim(find_fused_attention(io).node.inputs[0], 1) for io in layers]
     if None not in heads:
         return heads
     clone = model.clone()
     ShapeInferencePass()(clone)
-    by_name = {v.name: v for v in clone.graph.inputs}
-    return [_static_dim(next(iter(by_name[io.past_key.name].uses()))[0].inputs[0], 1) for io in layers]
+    cloned = find_kv_layers(clone.graph)
+    return [_static_dim(find_fused_attention(io).node.inputs[0], 1) for io in cloned]
 
 
 def _rank(value: ir.Value | None) -> int | None:

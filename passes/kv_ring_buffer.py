@@ -54,8 +54,8 @@ class KvRingBufferPass(KvcPass):
         self.options = options
 
     def apply(self, model: ir.Model) -> PassReport:
-        layers = _preconditions(model)  # the graph is untouched until here
         capacity, window = self.options.capacity, self.options.sliding_window
+        layers = _preconditions(model, window)  # the graph is untouched until here
         _rewrite(model, layers, capacity, window)
         KvCacheLayout(num_layers=len(layers), num_kv_heads=layers[0].num_kv_heads, head_dim=layers[0].head_dim,
                       capacity=capacity, sliding_window=window).write_to(model)
@@ -67,14 +67,27 @@ class KvRingBufferPass(KvcPass):
         return report
 
 
-def _preconditions(model: ir.Model) -> list[FusedLayer]:
+def _preconditions(model: ir.Model, window: int | None) -> list[FusedLayer]:
     """Everything that can refuse the graph, checked before anything is changed."""
     if LAYOUT_KEY in model.metadata_props:
         raise GraphError(f"this graph already has a ring-buffer KV cache ({LAYOUT_KEY} metadata); "
                          "run the ring-buffer pass once, on the concat-form graph")
     layers = check_ring_input(model)
+    _check_crops_match_window(layers, window)
     _check_attention_mask_only_feeds_masks(model.graph, layers)
     return layers
+
+
+def _check_crops_match_window(layers: list[FusedLayer], window: int | None) -> None:
+    """A graph that crops its caches applies a window: the ring must apply the same one, or the crop
+    (which the rewrite drops) would silently become full attention."""
+    for layer in layers:
+        if layer.crop_window is not None and layer.crop_window != window:
+            said = "no sliding window" if window is None else f"sliding window {window}"
+            raise GraphError(f"layer {layer.io.layer}: the graph keeps the last {layer.crop_window - 1} cached "
+                             f"positions (Slice {layer.crops[0].name!r}), a sliding window of {layer.crop_window}, "
+                             f"but the ring was asked for {said}; compile with --sliding-window "
+                             f"{layer.crop_window} (kvc compile reads it from the graph)")
 
 
 def _rewrite(model: ir.Model, layers: list[FusedLayer], capacity: int, window: int | None) -> None:
@@ -220,6 +233,9 @@ def _rewrite_layer(graph: ir.Graph, layer: FusedLayer, signals: RingSignals, cap
     for updated, present in zip(caches, presents):
         graph.outputs[list(graph.outputs).index(present)] = updated
     y_name = y.name
+    for crop in layer.crops:  # the ring mask applies their window; the present-side ones feed nothing now
+        crop.outputs[0].replace_all_uses_with(crop.inputs[0])
+    graph.remove(list(layer.crops), safe=True)
     graph.remove(old, safe=True)
     new.outputs[0].name = y_name
     for updated, present in zip(caches, presents):
