@@ -14,6 +14,19 @@ from pathlib import Path
 import torch
 
 ARCHS = ("llama", "qwen2", "mistral", "gpt2")
+# Families beyond those (issue #12's list): q/k norms (qwen3, olmo2), fused qkv / gate_up and partial rotary
+# (phi3, stablelm), embedding scale (gemma), multipliers (granite), NoPE layers (smollm3). Gemma2 (a window on
+# alternate layers) is refused by name and tested as such.
+MORE_FAMILIES = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=16)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=2, pad_token_id=0)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(num_key_value_heads=2, head_dim=16)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(num_key_value_heads=2, head_dim=16, sliding_window=8)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(num_key_value_heads=2)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(num_key_value_heads=2)),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(num_key_value_heads=2)),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(num_key_value_heads=2, pad_token_id=0)),
+}
 EXPORTERS = ("torchscript", "dynamo")
 OPSET = 18
 _LAYERS, _HIDDEN, _HEADS, _VOCAB, _POSITIONS = 2, 64, 4, 128, 256
@@ -52,13 +65,16 @@ def tiny_hf_model(arch: str, seed: int = 0) -> torch.nn.Module:
         # window shorter than the test prompts, so compiled graphs are checked past it.
         config = tf.MistralConfig(num_key_value_heads=2, sliding_window=MISTRAL_WINDOW, **common)
         cls = tf.MistralForCausalLM
+    elif arch in MORE_FAMILIES:
+        config_cls, model_cls, extra = MORE_FAMILIES[arch]
+        config, cls = getattr(tf, config_cls)(**common, **extra), getattr(tf, model_cls)
     elif arch == "gpt2":
         config = tf.GPT2Config(vocab_size=_VOCAB, n_embd=_HIDDEN, n_layer=_LAYERS, n_head=_HEADS,
                                n_positions=_POSITIONS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                bos_token_id=0, eos_token_id=0)
         cls = tf.GPT2LMHeadModel
     else:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS + tuple(MORE_FAMILIES)}")
     torch.manual_seed(seed)
     return cls(config).eval()
 
@@ -94,7 +110,7 @@ def export_hf(arch: str, exporter: str, directory: Path, seed: int = 0) -> HfExp
     model = tiny_hf_model(arch, seed)
     config = model.config
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = config.hidden_size // config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     path = Path(directory) / f"{arch}-{exporter}.onnx"
     _export(_FlatCache(model, _LAYERS).eval(), _sample_inputs(kv_heads, head_dim), path, exporter)
     return HfExport(path, arch, _LAYERS, kv_heads, head_dim, _VOCAB, _POSITIONS)

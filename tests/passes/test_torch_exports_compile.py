@@ -2,7 +2,8 @@
 KV as explicit inputs/outputs: tests/passes/_hf_exports.py) -> kvc compile, with no config.json beside
 the graph -> 32 greedy tokens equal transformers' generate on 3 prompts, two of them longer than Mistral's
 8-token window (a window the graph applies by cropping its caches, read from the graph); ORT engine for
-every (architecture, exporter), TVM on the dynamo Llama graph; fused-op counts. Plus the refusals these graphs can meet."""
+every (architecture, exporter) of llama / qwen2 / mistral / gpt2 and for qwen3, phi3, gemma, olmo2, granite,
+stablelm, smollm3 on TorchScript; TVM on the dynamo Llama graph; fused-op counts; gemma2 refused by name. Plus the refusals these graphs can meet."""
 from __future__ import annotations
 
 from collections import Counter
@@ -20,6 +21,8 @@ import _hf_exports  # noqa: E402  (tests/passes is on sys.path: conftest imports
 PROMPTS = [[1, 5, 17, 99], [1, 3, 42, 8, 100, 61, 7, 19, 33, 12, 90, 4, 77], [1] + list(range(20, 40))]
 CAPACITY, NEW_TOKENS = 64, 32
 CASES = [(arch, exporter) for exporter in _hf_exports.EXPORTERS for arch in _hf_exports.ARCHS]
+# More families on the TorchScript exporter only (each case ~10 s); the dynamo qwen3 export was checked by hand.
+FAMILY_CASES = [arch for arch in _hf_exports.MORE_FAMILIES if arch != "gemma2"]
 
 
 def _compile(path: Path, out: Path, engine: str = "ort", **overrides):
@@ -69,6 +72,23 @@ def test_ort_engine_tokens_equal_transformers(hf_export, arch, exporter, tmp_pat
     window = _hf_exports.MISTRAL_WINDOW if arch == "mistral" else None
     assert result.manifest.cache.sliding_window == window
     _assert_tokens_equal_transformers(arch, tmp_path / "out.kvc")
+
+
+@pytest.mark.parametrize("arch", FAMILY_CASES)
+def test_more_families_tokens_equal_transformers(hf_export, arch, tmp_path):
+    export = hf_export(arch, "torchscript")
+    _compile(export.path, tmp_path / "out.kvc")
+    counts = Counter(n.op_type for n in _graph(tmp_path / "out.kvc").node)
+    assert counts["Attention"] == export.num_layers and counts["Softmax"] == 0, counts
+    _assert_tokens_equal_transformers(arch, tmp_path / "out.kvc")
+
+
+def test_alternating_windows_are_refused_by_name(hf_export, tmp_path):
+    from kvc.errors import GraphError
+
+    with pytest.raises(GraphError, match=r"different sliding windows per layer \(window 8: past_key_values.0.key"):
+        _compile(hf_export("gemma2", "torchscript").path, tmp_path / "out.kvc")
+    assert not (tmp_path / "out.kvc").exists()
 
 
 def test_tvm_engine_tokens_equal_transformers(hf_export, tmp_path):
