@@ -18,10 +18,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from greedy_tokens import NEW_TOKENS, PROMPTS, hf_greedy, kvc_greedy  # noqa: E402  (tests/passes is on sys.path)
+
 DATA = Path(__file__).resolve().parents[1] / "data" / "ortgenai"
 CASES = ["llama_fp32", "qwen2_fp32", "qwen3_fp32", "mistral_window_fp32", "llama_fp16"]
-PROMPTS = [[1, 5, 17, 99], [1, 3, 42, 8, 100, 61, 7, 19, 33, 12, 90, 4, 77], [1] + list(range(20, 40))]
-CAPACITY, NEW_TOKENS = 64, 32
+CAPACITY = 64
 
 
 def _fixture_module():
@@ -43,22 +44,6 @@ def _compile(name: str, out: Path, engine: str = "ort"):
     return compile_model(DATA / name / "model.onnx", out,
                          CompileOptions(engine=EngineKind(engine), device=Device("cpu"), max_seq_len=CAPACITY),
                          progress=lambda *_: None)
-
-
-def _hf_greedy(hf, prompt: list[int]) -> list[int]:
-    hf.generation_config.eos_token_id = None
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                          max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
-def _kvc_greedy(artifact: Path, prompt: list[int]) -> list[int]:
-    from kvc.runtime import load
-    from kvc.runtime.sampling import SamplingParams
-
-    params = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    return load(artifact).generate(prompt, params).token_ids
 
 
 def _op_counts(artifact: Path) -> Counter:
@@ -83,7 +68,7 @@ def test_ort_engine_tokens_equal_transformers(name, fixtures, tmp_path):
     fused = ("Attention", "RotaryEmbedding", "RMSNormalization", "TensorScatter")
     print(name, {op: n for (_, op), n in counts.items() if op in fused})
     for prompt in PROMPTS:
-        assert _kvc_greedy(tmp_path / "out.kvc", prompt) == _hf_greedy(hf, prompt), prompt
+        assert kvc_greedy(tmp_path / "out.kvc", prompt) == hf_greedy(hf, prompt), prompt
 
 
 # --- the lowering alone, against ONNX Runtime running the builder's contrib ops -------------------
@@ -176,7 +161,7 @@ def test_int4_build_tokens_equal_onnxruntime(tmp_path):
     counts = _op_counts(tmp_path / "out.kvc")
     assert not [op for (domain, op) in counts if domain == "com.microsoft"]
     for prompt in PROMPTS:
-        assert _kvc_greedy(tmp_path / "out.kvc", prompt) == _ort_greedy("llama_int4", prompt), prompt
+        assert kvc_greedy(tmp_path / "out.kvc", prompt) == _ort_greedy("llama_int4", prompt), prompt
 
 
 # --- refusals: one line naming the op or attribute ----------------------------------------------
@@ -245,7 +230,7 @@ def test_tvm_engine_tokens_equal_transformers(fixtures, tmp_path):
     hf = fixtures.hf_model(config)
     _compile(name, tmp_path / "out.kvc", engine="tvm")
     for prompt in PROMPTS:
-        assert _kvc_greedy(tmp_path / "out.kvc", prompt) == _hf_greedy(hf, prompt), prompt
+        assert kvc_greedy(tmp_path / "out.kvc", prompt) == hf_greedy(hf, prompt), prompt
 
 
 # --- the builder's own output folder: no config.json, the window only in genai_config.json ----------
@@ -273,7 +258,7 @@ def test_window_from_genai_config_alone(fixtures, tmp_path):
     assert result.manifest.generation.get("eos_token_ids") == [config["eos_token_id"]]
     hf = fixtures.hf_model(config)
     prompt = PROMPTS[2]  # 21 tokens, past the 8-token window
-    assert _kvc_greedy(tmp_path / "out.kvc", prompt) == _hf_greedy(hf, prompt)
+    assert kvc_greedy(tmp_path / "out.kvc", prompt) == hf_greedy(hf, prompt)
 
 
 def test_window_disagreeing_with_config_is_one_line(tmp_path):

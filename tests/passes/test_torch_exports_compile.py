@@ -16,10 +16,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from greedy_tokens import PROMPTS, hf_greedy, kvc_greedy  # noqa: E402  (tests/passes is on sys.path)
+
 import _hf_exports  # noqa: E402  (tests/passes is on sys.path: conftest imports it too)
 
-PROMPTS = [[1, 5, 17, 99], [1, 3, 42, 8, 100, 61, 7, 19, 33, 12, 90, 4, 77], [1] + list(range(20, 40))]
-CAPACITY, NEW_TOKENS = 64, 32
+CAPACITY = 64
 CASES = [(arch, exporter) for exporter in _hf_exports.EXPORTERS for arch in _hf_exports.ARCHS]
 # More families on the TorchScript exporter only (each case ~10 s); the dynamo qwen3 export was checked by hand.
 FAMILY_CASES = [arch for arch in _hf_exports.MORE_FAMILIES if arch != "gemma2"]
@@ -33,22 +34,6 @@ def _compile(path: Path, out: Path, engine: str = "ort", **overrides):
     return compile_model(path, out, options, progress=lambda *_: None)
 
 
-def _hf_greedy(hf, prompt: list[int]) -> list[int]:
-    hf.generation_config.eos_token_id = None
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                          max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
-def _kvc_greedy(artifact: Path, prompt: list[int]) -> list[int]:
-    from kvc.runtime import load
-    from kvc.runtime.sampling import SamplingParams
-
-    params = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    return load(artifact).generate(prompt, params).token_ids
-
-
 def _graph(artifact: Path) -> onnx.GraphProto:
     return onnx.load(str(artifact / "graph.onnx"), load_external_data=False).graph
 
@@ -56,7 +41,7 @@ def _graph(artifact: Path) -> onnx.GraphProto:
 def _assert_tokens_equal_transformers(arch: str, artifact: Path) -> None:
     hf = _hf_exports.tiny_hf_model(arch)
     for prompt in PROMPTS:
-        assert _kvc_greedy(artifact, prompt) == _hf_greedy(hf, prompt), (arch, prompt)
+        assert kvc_greedy(artifact, prompt) == hf_greedy(hf, prompt), (arch, prompt)
 
 
 @pytest.mark.parametrize("arch, exporter", CASES)
