@@ -37,7 +37,7 @@ from kvc.compiler.ortgenai_config import (GENAI_CONFIG_FILE, apply_genai_config,
 from kvc.contract import GENERATION_KEY, INPUT_IDS, MODEL_CONFIG_KEY, PAST_RE, POSITION_IDS, KvDtype, past_name
 from kvc.errors import GraphError, KvcError
 from kvc.models.config import Family, ModelConfig
-from kvc.passes.cache_crop import graph_crop_window
+from kvc.passes.cache_crop import graph_crop_windows
 from kvc.passes.kv_layout import Fp8Scales
 from kvc.userfiles import parse_json
 
@@ -90,15 +90,27 @@ def describe_model(model: ir.Model, model_dir: Path, options: CompileOptions) ->
 
 
 def _with_graph_window(config: ModelConfig, source: str, model: ir.Model) -> tuple[ModelConfig, str]:
-    """The window a graph applies by cropping its caches (kvc.passes.cache_crop) is the model's own: a config
-    that says nothing takes it, one that says another window is the wrong config."""
-    window = graph_crop_window(model)
-    if window is None or window == config.sliding_window:
+    """The windows a graph applies by cropping its caches (kvc.passes.cache_crop) are the model's own: a config
+    that says nothing takes them, one that says other windows is the wrong config."""
+    found = graph_crop_windows(model)
+    if found.window is None and not found.layer_windows:
         return config, source
-    if config.sliding_window is not None:
-        raise GraphError(f"{source} says sliding window {config.sliding_window} but the graph crops its caches to "
-                         f"the last {window - 1} positions (window {window}); pass the config.json of this model")
-    return dataclasses.replace(config, sliding_window=window), f"{source}; sliding window {window} from the graph"
+    said = tuple(config.window_for_layer(i) for i in range(config.num_layers))
+    graph = found.layer_windows or (found.window,) * config.num_layers
+    if said == graph:
+        return config, source
+    if config.sliding_window is not None or config.layer_windows:
+        raise GraphError(f"{source} says sliding window(s) {_windows_text(said)} but the graph crops its caches to "
+                         f"{_windows_text(graph)} (window = cached positions kept + 1); pass the config.json of "
+                         "this model")
+    return (dataclasses.replace(config, sliding_window=found.window, layer_windows=found.layer_windows),
+            f"{source}; sliding window {_windows_text(graph)} from the graph")
+
+
+def _windows_text(windows: tuple[Optional[int], ...]) -> str:
+    if len(set(windows)) == 1:
+        return str(windows[0])
+    return "per layer " + ", ".join("full" if w is None else str(w) for w in windows)
 
 
 def model_config_for(model: ir.Model, config_path: Path | None,

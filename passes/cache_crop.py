@@ -7,10 +7,12 @@ attention mask of such a graph lets each query see ``window`` positions (its own
 crop and the mask say the same window; ``kvc compile`` checks the compiled graph against the original
 past the window, so a graph that meant something else is refused there, not compiled silently wrong.
 
-Read-only helpers: ``kept_tail`` recognises one crop, ``graph_crop_window`` the window a whole graph
-applies (one for all layers, or a refusal naming the layers that differ).
+Read-only helpers: ``kept_tail`` recognises one crop, ``graph_crop_windows`` the windows a whole graph
+applies (one for all layers, or one per layer: Gemma2's alternating sliding and full layers).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import onnx_ir as ir
 
@@ -21,7 +23,7 @@ from kvc.passes._patterns import const_ints
 SEQ_AXES = (2, -2)  # [batch, kv_heads, seq, head_dim]
 _TO_THE_END = 2 ** 31 - 1  # any end at least this large slices to the end of the axis
 
-__all__ = ["kept_tail", "crop_of", "graph_crop_window"]
+__all__ = ["GraphWindows", "kept_tail", "crop_of", "graph_crop_windows"]
 
 
 def kept_tail(node: ir.Node) -> int | None:
@@ -46,9 +48,17 @@ def crop_of(value: ir.Value) -> tuple[ir.Node, int] | None:
     return None if keep is None else (uses[0][0], keep)
 
 
-def graph_crop_window(model: ir.Model) -> int | None:
-    """The sliding window the graph's cache crops apply (K + 1), None when no past is cropped. An unoptimized
-    export may compute the Slice bounds (the dynamo exporter): then they are folded on a copy of the graph."""
+@dataclass(frozen=True)
+class GraphWindows:
+    """The sliding windows a graph's cache crops apply."""
+
+    window: int | None  # the one window of every layer (None: none, or per layer)
+    layer_windows: tuple[int | None, ...] = ()  # per layer when the layers differ (None: full attention)
+
+
+def graph_crop_windows(model: ir.Model) -> GraphWindows:
+    """The windows the graph's cache crops apply (K + 1). An unoptimized export may compute the Slice bounds
+    (the dynamo exporter): then they are folded on a copy of the graph."""
     keeps = _kept_tails(model)
     if not any(k is not None for k in keeps.values()) and _reaches_slice(model):
         import onnxscript.optimizer
@@ -56,18 +66,17 @@ def graph_crop_window(model: ir.Model) -> int | None:
         folded = model.clone()  # tensors shared: cheap
         onnxscript.optimizer.fold_constants(folded)
         keeps = _kept_tails(folded)
-    windows = {k + 1 for k in keeps.values() if k is not None}
-    if not windows:
-        return None
-    uncropped = sorted(name for name, k in keeps.items() if k is None)
-    if len(windows) > 1 or uncropped:
-        by_window = {w: sorted(n for n, k in keeps.items() if k is not None and k + 1 == w) for w in windows}
-        detail = "; ".join(f"window {w}: {', '.join(names[:4])}" for w, names in sorted(by_window.items()))
-        if uncropped:
-            detail += f"; full attention: {', '.join(uncropped[:4])}"
-        raise GraphError(f"the graph's caches apply different sliding windows per layer ({detail}); kvc's ring "
-                         "cache has one window for all layers, so this model cannot be compiled yet")
-    return windows.pop()
+    per_layer: dict[int, set] = {}
+    for name, keep in keeps.items():
+        per_layer.setdefault(int(PAST_RE.match(name).group(1)), set()).add(None if keep is None else keep + 1)
+    mixed = sorted(layer for layer, windows in per_layer.items() if len(windows) > 1)
+    if mixed:
+        raise GraphError(f"layer {mixed[0]}: its key and value caches are cropped to different lengths; kvc cannot "
+                         "tell the layer's window, so this graph cannot be compiled")
+    windows = tuple(per_layer[layer].pop() for layer in sorted(per_layer))
+    if len(set(windows)) == 1:
+        return GraphWindows(windows[0] if windows else None)
+    return GraphWindows(None, windows)
 
 
 def _pasts(model: ir.Model) -> list[ir.Value]:

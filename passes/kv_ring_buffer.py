@@ -55,7 +55,7 @@ class KvRingBufferPass(KvcPass):
 
     def apply(self, model: ir.Model) -> PassReport:
         capacity, window = self.options.capacity, self.options.sliding_window
-        layers = _preconditions(model, window)  # the graph is untouched until here
+        layers = _preconditions(model, window, capacity)  # the graph is untouched until here
         _rewrite(model, layers, capacity, window)
         KvCacheLayout(num_layers=len(layers), num_kv_heads=layers[0].num_kv_heads, head_dim=layers[0].head_dim,
                       capacity=capacity, sliding_window=window).write_to(model)
@@ -65,29 +65,6 @@ class KvRingBufferPass(KvcPass):
             report.notes.append(f"wrap-around past {capacity} tokens is sliding-window attention of width "
                                 f"{capacity}: exact only for models trained with such a window")
         return report
-
-
-def _preconditions(model: ir.Model, window: int | None) -> list[FusedLayer]:
-    """Everything that can refuse the graph, checked before anything is changed."""
-    if LAYOUT_KEY in model.metadata_props:
-        raise GraphError(f"this graph already has a ring-buffer KV cache ({LAYOUT_KEY} metadata); "
-                         "run the ring-buffer pass once, on the concat-form graph")
-    layers = check_ring_input(model)
-    _check_crops_match_window(layers, window)
-    _check_attention_mask_only_feeds_masks(model.graph, layers)
-    return layers
-
-
-def _check_crops_match_window(layers: list[FusedLayer], window: int | None) -> None:
-    """A graph that crops its caches applies a window: the ring must apply the same one, or the crop
-    (which the rewrite drops) would silently become full attention."""
-    for layer in layers:
-        if layer.crop_window is not None and layer.crop_window != window:
-            said = "no sliding window" if window is None else f"sliding window {window}"
-            raise GraphError(f"layer {layer.io.layer}: the graph keeps the last {layer.crop_window - 1} cached "
-                             f"positions (Slice {layer.crops[0].name!r}), a sliding window of {layer.crop_window}, "
-                             f"but the ring was asked for {said}; compile with --sliding-window "
-                             f"{layer.crop_window} (kvc compile reads it from the graph)")
 
 
 def _rewrite(model: ir.Model, layers: list[FusedLayer], capacity: int, window: int | None) -> None:
@@ -102,6 +79,32 @@ def _rewrite(model: ir.Model, layers: list[FusedLayer], capacity: int, window: i
 
 
 # --- preconditions ----------------------------------------------------------------------------
+
+def _preconditions(model: ir.Model, window: int | None, capacity: int) -> list[FusedLayer]:
+    """Everything that can refuse the graph, checked before anything is changed."""
+    if LAYOUT_KEY in model.metadata_props:
+        raise GraphError(f"this graph already has a ring-buffer KV cache ({LAYOUT_KEY} metadata); "
+                         "run the ring-buffer pass once, on the concat-form graph")
+    layers = check_ring_input(model)
+    _check_crops_match_window(layers, window, capacity)
+    _check_attention_mask_only_feeds_masks(model.graph, layers)
+    return layers
+
+
+def _check_crops_match_window(layers: list[FusedLayer], window: int | None, capacity: int) -> None:
+    """A graph that crops its caches applies a window: the ring must apply the same one, or the crop
+    (which the rewrite drops) would silently become full attention. A crop at least as wide as the ring never
+    binds (per-layer windows, compiled with a capacity within the narrowest one)."""
+    for layer in layers:
+        crop = layer.crop_window
+        if crop is None or crop == window or (window is None and crop >= capacity):
+            continue
+        said = "no sliding window" if window is None else f"sliding window {window}"
+        raise GraphError(f"layer {layer.io.layer}: the graph keeps the last {crop - 1} cached positions (Slice "
+                         f"{layer.crops[0].name!r}), a sliding window of {crop}, but the ring was asked for {said} "
+                         f"with {capacity} slots; compile with --sliding-window {crop} (kvc compile reads it from "
+                         "the graph)")
+
 
 def _check_attention_mask_only_feeds_masks(graph: ir.Graph, layers: list[FusedLayer]) -> None:
     """attention_mask must become dead once the Attention masks are replaced; else refuse now."""

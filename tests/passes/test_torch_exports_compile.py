@@ -3,7 +3,8 @@ KV as explicit inputs/outputs: tests/passes/_hf_exports.py) -> kvc compile, with
 the graph -> 32 greedy tokens equal transformers' generate on 3 prompts, two of them longer than Mistral's
 8-token window (a window the graph applies by cropping its caches, read from the graph); ORT engine for
 every (architecture, exporter) of llama / qwen2 / mistral / gpt2 and for qwen3, phi3, gemma, olmo2, granite,
-stablelm, smollm3 on TorchScript; TVM on the dynamo Llama graph; fused-op counts; gemma2 refused by name. Plus the refusals these graphs can meet."""
+stablelm, smollm3 on TorchScript; gemma2's alternating windows within the narrowest; TVM on the dynamo
+Llama graph; fused-op counts. Plus the refusals these graphs can meet."""
 from __future__ import annotations
 
 from collections import Counter
@@ -30,7 +31,8 @@ def _compile(path: Path, out: Path, engine: str = "ort", **overrides):
     from kvc.compiler.options import CompileOptions, Device, EngineKind
     from kvc.compiler.pipeline import compile_model
 
-    options = CompileOptions(engine=EngineKind(engine), device=Device("cpu"), max_seq_len=CAPACITY, **overrides)
+    overrides.setdefault("max_seq_len", CAPACITY)
+    options = CompileOptions(engine=EngineKind(engine), device=Device("cpu"), **overrides)
     return compile_model(path, out, options, progress=lambda *_: None)
 
 
@@ -68,12 +70,19 @@ def test_more_families_tokens_equal_transformers(hf_export, arch, tmp_path):
     _assert_tokens_equal_transformers(arch, tmp_path / "out.kvc")
 
 
-def test_alternating_windows_are_refused_by_name(hf_export, tmp_path):
+def test_alternating_windows_compile_within_the_narrowest(hf_export, tmp_path):
+    """Gemma2 (window 8 on even layers, full attention on odd ones): the windows are read per layer; a ring
+    wider than the narrowest window is refused, one within it compiles and gives transformers' tokens."""
     from kvc.errors import GraphError
 
-    with pytest.raises(GraphError, match=r"different sliding windows per layer \(window 8: past_key_values.0.key"):
-        _compile(hf_export("gemma2", "torchscript").path, tmp_path / "out.kvc")
-    assert not (tmp_path / "out.kvc").exists()
+    export = hf_export("gemma2", "torchscript")
+    with pytest.raises(GraphError, match=r"per-layer sliding windows .* compile with --max-seq-len 8 or less"):
+        _compile(export.path, tmp_path / "wide.kvc")
+    assert not (tmp_path / "wide.kvc").exists()
+    _compile(export.path, tmp_path / "out.kvc", max_seq_len=8)
+    hf = _hf_exports.tiny_hf_model("gemma2")
+    for prompt in (PROMPTS[0], [1, 9, 4]):  # prompt + new tokens within the 8 slots
+        assert kvc_greedy(tmp_path / "out.kvc", prompt, 8 - len(prompt)) == hf_greedy(hf, prompt, 8 - len(prompt))
 
 
 def test_tvm_engine_tokens_equal_transformers(hf_export, tmp_path):
@@ -99,7 +108,7 @@ def test_window_other_than_the_graphs_is_refused(hf_export):
     config.sliding_window = 16
     config.to_json_file(export.path.parent / "config.json")
     try:
-        with pytest.raises(GraphError, match="says sliding window 16 but the graph crops its caches to the last 7"):
+        with pytest.raises(GraphError, match=r"says sliding window\(s\) 16 but the graph crops its caches to 8"):
             describe_model(model, export.path.parent, CompileOptions(max_seq_len=CAPACITY))
     finally:
         (export.path.parent / "config.json").unlink()
