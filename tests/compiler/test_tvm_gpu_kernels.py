@@ -87,8 +87,8 @@ def _run_emulated(mod):
     return load_vm(build(mod, TargetSpec(llvm_opt_level=1)))
 
 
-@pytest.mark.parametrize("threads", [128, 32])
-@pytest.mark.parametrize("name", list(_decode_specs()))
+@pytest.mark.parametrize("name,threads", [(n, 128) for n in _decode_specs()]
+                         + [("int8-per-token-mask", 32), ("fp8-per-head", 32)])
 def test_gpu_decode_attention_emulated_matches_numpy(name, threads, rng):
     from kvc.compiler.tvm.kernels.gpu_attention import GpuLaunch
 
@@ -101,8 +101,8 @@ def test_gpu_decode_attention_emulated_matches_numpy(name, threads, rng):
     np.testing.assert_allclose(got.astype(np.float64), want, rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize("threads", [128, 32])
-@pytest.mark.parametrize("name", list(cases._prefill_specs()))
+@pytest.mark.parametrize("name,threads", [(n, 128) for n in cases._prefill_specs()]
+                         + [("fp32-gqa2-mask", 32), ("int8-per-token-mask", 32)])
 def test_gpu_prefill_attention_emulated_matches_numpy(name, threads, rng):
     """Query counts 1, 9 and 17 through one build (symbolic seq): partial tiles, a single query."""
     from kvc.compiler.tvm.kernels.gpu_attention import GpuLaunch

@@ -84,6 +84,13 @@ def gpu_prefill_spec(spec: PrefillAttentionSpec, chunk: int = 32) -> PrefillAtte
                    "do not fit one thread block")
 
 
+def for_gpu(spec: DecodeAttentionSpec | PrefillAttentionSpec):
+    """(spec fitted to a thread block, its emit function) for a CPU kernel's spec."""
+    if isinstance(spec, DecodeAttentionSpec):
+        return gpu_decode_spec(spec), emit_gpu_decode_attention
+    return gpu_prefill_spec(spec), emit_gpu_prefill_attention
+
+
 def _ceil(a: int, b: int) -> int:
     return (a + b - 1) // b
 
