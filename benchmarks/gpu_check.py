@@ -130,13 +130,13 @@ def device_copy_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return 2 * nbytes / best / 1e9
 
 
-def bench_config(contexts: list[int], gen: int):
-    """llama-1b with positions for the deepest context plus the timed steps."""
+def bench_config(contexts: list[int], gen: int, preset: str = PRESET):
+    """``preset`` (llama-1b) with positions for the deepest context plus the timed steps."""
     from kvc.models.presets import RANDOM_PRESETS
 
-    base = RANDOM_PRESETS[PRESET]
+    base = RANDOM_PRESETS[preset]
     positions = max(base.max_position_embeddings, max(contexts) + gen + 64)
-    return dataclasses.replace(base, max_position_embeddings=positions, name=f"{PRESET}-{positions}")
+    return dataclasses.replace(base, max_position_embeddings=positions, name=f"{preset}-{positions}")
 
 
 def prepare_artifact(work: Path, config, engine: str, kv_dtype: str, capacity: int, progress) -> Path:
@@ -160,8 +160,9 @@ def prepare_artifact(work: Path, config, engine: str, kv_dtype: str, capacity: i
     return out
 
 
-def time_decode(artifact: Path, engine: str, kv_dtype: str, contexts: list[int], gen: int, reps: int) -> dict:
-    """context -> median seconds per decode step on CUDA, batch 1."""
+def time_decode(artifact: Path, engine: str, kv_dtype: str, contexts: list[int], gen: int, reps: int,
+                device: str = "cuda") -> dict:
+    """context -> median seconds per decode step on ``device`` (the check: CUDA; tests: the CPU), batch 1."""
     import statistics
 
     from kvc.compiler.bench.measure import DepthPlan, measure_depth, random_prompt
@@ -169,7 +170,7 @@ def time_decode(artifact: Path, engine: str, kv_dtype: str, contexts: list[int],
     from kvc.compiler.bench.runners import KvcRunner
     from kvc.runtime import load
 
-    model = load(artifact, device="cuda")
+    model = load(artifact, device=device)
     runner = KvcRunner(model, engine, kv_dtype)
     plan = DepthPlan(gen=gen, reps=reps, warmup=1, chunk=512, prefill_reps=0, fill=FillMode.SYNTHETIC,
                      time_prefill=False)

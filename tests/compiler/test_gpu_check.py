@@ -110,3 +110,12 @@ def test_bench_arguments_are_checked_before_any_work(gpu_check, tmp_path):
         gpu_check.main(["bench", "--out", str(tmp_path / "b.json"), "--engines", "trt"])
     with pytest.raises(SystemExit, match="does not exist"):
         gpu_check.main(["bench", "--out", str(tmp_path / "no" / "b.json")])
+
+
+def test_bench_pipeline_runs_on_the_cpu_with_the_tiny_preset(gpu_check, tmp_path):
+    """Export, bf16-weight compile and synthetic-fill decode timing, as on the GPU but on the CPU."""
+    config = gpu_check.bench_config([16, 40], gen=4, preset="tiny")
+    artifact = gpu_check.prepare_artifact(tmp_path, config, "ort", "int8", 40 + 4 + 64, progress=lambda *_: None)
+    assert gpu_check.prepare_artifact(tmp_path, config, "ort", "int8", 108, progress=print) == artifact  # reused
+    times = gpu_check.time_decode(artifact, "ort", "int8", [16, 40], gen=4, reps=1, device="cpu")
+    assert sorted(times) == [16, 40] and all(0 < t < 5 for t in times.values())
