@@ -112,3 +112,22 @@ def test_cuda_tuning_without_a_gpu_is_refused_in_one_line(cuda_spec):
     with pytest.raises(KvcError, match="measures candidates on a GPU") as error:
         runner_for(cuda_spec.tvm_target())
     assert "\n" not in str(error.value) and "--tuning-db" in str(error.value)
+
+
+def test_compile_for_cuda_with_tuning_is_refused_before_the_import_without_a_gpu(exported, tmp_path):
+    import time
+
+    import tvm
+    from click.testing import CliRunner
+
+    from kvc.cli.main import cli
+
+    if tvm.cuda(0).exist:
+        pytest.skip("a GPU is present: tuning on CUDA runs")
+    _, _, onnx_path = exported("tiny")
+    start = time.perf_counter()
+    result = CliRunner().invoke(cli, ["compile", str(onnx_path), "-o", str(tmp_path / "o.kvc"), "--engine", "tvm",
+                                      "--target", "cuda", "--tune-trials", "4"])
+    assert result.exit_code != 0 and "measures candidates on a GPU" in result.output
+    assert result.output.strip().count("\n") == 0 and not (tmp_path / "o.kvc").exists()
+    assert time.perf_counter() - start < 20  # no graph import first
