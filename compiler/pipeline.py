@@ -10,7 +10,7 @@ import onnx_ir as ir
 
 from kvc.compiler.artifact_writer import copy_side_files, write_manifest
 from kvc.compiler.model_description import ModelDescription, describe_model
-from kvc.compiler.options import CompileOptions
+from kvc.compiler.options import CompileOptions, Device
 from kvc.compiler.original_check import OriginalCheck
 from kvc.contract import CacheLayoutKind, EngineKind, Entry
 from kvc.errors import KvcError
@@ -33,6 +33,11 @@ def compile_model(onnx_path: Path, output: Path, options: CompileOptions, overwr
 
     if options.engine is EngineKind.ORT and (options.tune_trials or options.tuning_db is not None):
         raise KvcError("--tune-trials and --tuning-db tune the TVM engine's kernels; add --engine tvm")
+    if options.engine is EngineKind.TVM and options.device is Device.CUDA and options.tune_trials:
+        from kvc.compiler.tvm.target import TargetKind, TargetSpec
+        from kvc.compiler.tvm.tuning import runner_for
+
+        runner_for(TargetSpec(TargetKind.CUDA).tvm_target())  # refuses now, not after the import, without a GPU
     model = load_model_checked(onnx_path)
     description = describe_model(model, onnx_path.parent, options)
     pipeline = dataclasses.replace(pipeline_options(description), weights=options.weight_quant)

@@ -1,10 +1,11 @@
 """ONNX Runtime engine: one session over the ring-buffer graph, caches bound in place.
 
-Every cache tensor is allocated once at load ([max_batch, kv_heads, capacity, head_dim]) and
+On the CPU every cache tensor is allocated once at load ([max_batch, kv_heads, capacity, head_dim]) and
 bound with IO binding as both the graph input ``past_key_values.*`` and the aliased output
 ``present.*``, so TensorScatter writes the new tokens straight into it: ONNX Runtime's
 "in-place optimization not activated, copying past_cache" path is never taken (tests check
-the log and the buffer addresses).
+the log and the buffer addresses). With ``device="cuda"`` the caches live in device memory instead
+(kvc.runtime.ort_device: allocated once, bound by address, decode replayed as CUDA graphs).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from kvc.errors import ArtifactError
 from kvc.runtime.artifact import Manifest
 from kvc.runtime.engine import check_step_inputs
 from kvc.runtime.live_slots import slots_for
+from kvc.runtime.ort_device import OrtDeviceBinding, OrtPlace, cuda_device_count
 
 # ONNX element type (as ORT names it) -> (numpy storage dtype of the host buffer, ONNX type id).
 # bfloat16 and float8 have no numpy dtype: their bytes live in uint16/uint8 buffers that ORT reads
@@ -42,13 +44,19 @@ class OrtEngineOptions:
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
 
-def providers_for(device: str) -> list[str]:
+def providers_for(device: str, cuda_graph: bool = False) -> list:
+    """The providers to request. CUDA only where it can start: onnxruntime-gpu lists it on any machine
+    and, without a GPU, logs a page of errors before falling back to the CPU."""
     available = ort.get_available_providers()
     if device == "cuda":
         if CUDA_PROVIDER not in available:
             raise ArtifactError("device cuda requested but this onnxruntime has no CUDAExecutionProvider; "
                                 "install onnxruntime-gpu or use --device cpu")
-        return [CUDA_PROVIDER, "CPUExecutionProvider"]
+        if cuda_device_count() == 0:
+            raise ArtifactError("device cuda requested but this machine has no usable CUDA device (no NVIDIA "
+                                "driver or GPU); use --device cpu")
+        return [(CUDA_PROVIDER, {"device_id": "0", "enable_cuda_graph": "1" if cuda_graph else "0"}),
+                "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
@@ -73,26 +81,45 @@ class OrtEngine:
         if options.intra_op_threads:
             so.intra_op_num_threads = options.intra_op_threads
         # the fixed name, listed and hashed (validate_artifact), never a manifest path
-        self.session = ort.InferenceSession(str(root / GRAPH_FILE), so, providers=providers_for(options.device))
+        self.session, cuda_graph = _open_session(root / GRAPH_FILE, so, options.device)
         check_session_device(self.session, options.device)
         self.aliases = {out: inp for inp, out in manifest.cache.io_names()}  # present.* -> past_key_values.*
         self.cache_inputs = manifest.cache.cache_inputs()
+        self.device_binding: OrtDeviceBinding | None = None
+        if options.device == "cuda":
+            self.use_device_binding(OrtPlace("cuda"), cuda_graph)
+            return
         # Lowered graphs: bound slots follow the live context (kvc.runtime.live_slots); others: all C.
         self.live_slots = self._has_symbolic_slots()
         self.slots = slots_for(1, self.capacity) if self.live_slots else self.capacity
         self.caches = self._allocate_caches()
+
+    def use_device_binding(self, place: OrtPlace, cuda_graph: bool = False) -> None:
+        """Keep the caches in ``place``'s memory at full capacity (what ``device="cuda"`` does; tests
+        call it with the "cpu" place to run the same binding without a GPU). Existing contents are dropped."""
+        self.live_slots, self.slots, self.caches = False, self.capacity, {}
+        providers = [p for p in self.session.get_providers() if p in (CUDA_PROVIDER, "CPUExecutionProvider")]
+        self.device_binding = OrtDeviceBinding(self.session, self._cache_types(), self.aliases, self.max_batch,
+                                               self.capacity, self.vocab_size, place, providers, cuda_graph)
+
+    def _cache_types(self) -> dict[str, tuple]:
+        """cache input -> (numpy storage dtype, ONNX type id), refusing types the engine cannot hold."""
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        types = {}
+        for name in self.cache_inputs:
+            if inputs[name].type not in _CACHE_TYPES:
+                raise ArtifactError(f"cache input {name} has type {inputs[name].type}, which the ORT engine does "
+                                    "not support; recompile with another --kv-dtype")
+            types[name] = _CACHE_TYPES[inputs[name].type]
+        return types
 
     def _allocate_caches(self) -> dict[str, np.ndarray]:
         """Zeroed cache buffers of ``self.slots`` slots (zero bytes are 0.0 in every cache dtype)."""
         inputs = {i.name: i for i in self.session.get_inputs()}
         caches = {}
         self._onnx_types = {}
-        for name in self.cache_inputs:
+        for name, (storage, onnx_type) in self._cache_types().items():
             meta = inputs[name]
-            if meta.type not in _CACHE_TYPES:
-                raise ArtifactError(f"cache input {name} has type {meta.type}, which the ORT engine does not "
-                                    "support; recompile with another --kv-dtype")
-            storage, onnx_type = _CACHE_TYPES[meta.type]
             caches[name] = np.zeros([self.max_batch, int(meta.shape[1]), self.slots, int(meta.shape[3])], storage)
             self._onnx_types[name] = onnx_type
         return caches
@@ -124,6 +151,8 @@ class OrtEngine:
 
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, past_len: np.ndarray) -> np.ndarray:
         check_step_inputs(self, input_ids, position_ids, past_len)
+        if self.device_binding is not None:
+            return self.device_binding.run(input_ids, position_ids, past_len)
         batch = input_ids.shape[0]
         self._fit_slots(int(past_len.max()) + input_ids.shape[1])
         binding = self.session.io_binding()
@@ -141,15 +170,41 @@ class OrtEngine:
         return binding.get_outputs()[0].numpy()
 
     def read_slots(self, row: int, length: int) -> list[np.ndarray]:
+        if self.device_binding is not None:
+            _check_row(row, length, self.max_batch, self.capacity)
+            return [self.device_binding.read_row(n, row, length) for n in self.cache_inputs]
         if length > self.slots:
             raise ValueError(f"{length} slots requested, only {self.slots} are bound (nothing was written there)")
         return [self.caches[n][row, :, :length].copy() for n in self.cache_inputs]
 
     def write_slots(self, row: int, tensors: list[np.ndarray]) -> None:
+        if self.device_binding is not None:
+            _check_row(row, max(t.shape[1] for t in tensors), self.max_batch, self.capacity)
+            for name, t in zip(self.cache_inputs, tensors):
+                self.device_binding.write_row(name, row, t)
+            return
         self._fit_slots(max(t.shape[1] for t in tensors))
         for name, t in zip(self.cache_inputs, tensors):
             self.caches[name][row, :, : t.shape[1]] = t
 
     def cache_nbytes(self) -> int:
         """Bytes of all cache rows at the full capacity (the most the engine binds)."""
+        if self.device_binding is not None:
+            return self.device_binding.nbytes()
         return sum(c.nbytes // c.shape[2] * self.capacity for c in self.caches.values())
+
+
+def _open_session(graph: Path, so: ort.SessionOptions, device: str) -> tuple[ort.InferenceSession, bool]:
+    """The session, and whether it captures CUDA graphs. ONNX Runtime refuses graph capture at creation
+    when a node of the graph is not on the CUDA EP; the session is then made without it."""
+    if device != "cuda":
+        return ort.InferenceSession(str(graph), so, providers=providers_for(device)), False
+    try:
+        return ort.InferenceSession(str(graph), so, providers=providers_for(device, cuda_graph=True)), True
+    except (RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail):  # partitioned across EPs: no graphs
+        return ort.InferenceSession(str(graph), so, providers=providers_for(device)), False
+
+
+def _check_row(row: int, length: int, max_batch: int, capacity: int) -> None:
+    if not 0 <= row < max_batch or not 0 <= length <= capacity:
+        raise ValueError(f"row {row} / {length} slots outside the cache ({max_batch} x {capacity})")

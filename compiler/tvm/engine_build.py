@@ -211,8 +211,6 @@ def _tune(mod: tvm.IRModule, target: tvm.target.Target, staging: Path, options: 
 
     if options.tune_trials == 0 and options.tuning_db is None:
         return None
-    if target.kind.name != "llvm":
-        raise KvcError("MetaSchedule tuning is implemented for --target cpu only; build CUDA with --tune-trials 0")
     database = open_database(staging, TuningRequest(options.tune_trials, options.tuning_db))
     if options.tune_trials > 0:
         with target:

@@ -48,13 +48,18 @@ class ImportOptions:
     keep_params_in_input: bool = False  # initializers as trailing parameters instead of folded constants
     in_place_cache_writes: bool = False  # ring writes to a cache parameter via call_tir_inplace (the engine build)
     target_kind: TargetKind = TargetKind.LLVM  # what the module will be built for
-    attention_kernels: bool = True  # kvc's TIR kernels for ring-buffer Attention (llvm only; attention_kernels.py)
+    attention_kernels: bool = True  # kvc's TIR kernels for ring-buffer Attention (attention_kernels.py;
+    #                                 CPU kernels on llvm, kernels.gpu_attention on CUDA)
     kernel_chunk_size: int = 64  # cache slots per step / per parallel task in those kernels
     prefill_query_tile: int = 16  # queries per parallel task in the prefill kernel
 
     @property
     def uses_attention_kernels(self) -> bool:
         return self.attention_kernels and self.target_kind is TargetKind.LLVM
+
+    @property
+    def uses_gpu_attention_kernels(self) -> bool:
+        return self.attention_kernels and self.target_kind is TargetKind.CUDA
 
 
 class KvcGraphImporter(tvm_onnx.ONNXGraphImporter):
@@ -109,6 +114,7 @@ class KvcGraphImporter(tvm_onnx.ONNXGraphImporter):
     def _context(self, op_name: str) -> NodeContext:
         options = self._kvc_options
         return NodeContext(attention_kernels=options.uses_attention_kernels,
+                           gpu_attention_kernels=options.uses_gpu_attention_kernels,
                            kernel_chunk_size=options.kernel_chunk_size, prefill_query_tile=options.prefill_query_tile,
                            shared=self._shared)
 
@@ -120,8 +126,8 @@ def from_onnx(model: onnx.ModelProto, shape_dict: ShapeDict | None = None,
     shape_dict maps input names to dims (ints, names of symbolic dims, or tir.Vars); inputs not named
     there keep their ONNX shape, with dim_param names as symbolic dims. Pinning the new-token dim to 1
     (e.g. {"input_ids": ["batch", 1], "position_ids": ["batch", 1]}) gives the decode entry point.
-    ai.kvc CacheAttention nodes (kvc's TVM lowering) use kvc's prefill / decode kernels, which are
-    CPU kernels: pass options with the target kind when building for CUDA. ``options.keep_params_in_input`` makes
+    ai.kvc CacheAttention nodes (kvc's TVM lowering) use kvc's prefill / decode kernels for the
+    options' target kind (CPU or GPU kernels): pass the target kind when building for CUDA. ``options.keep_params_in_input`` makes
     initializers trailing function parameters (values in the function's "params" attribute) instead
     of folded constants; ``options.in_place_cache_writes`` writes ring caches in place.
     """

@@ -36,7 +36,11 @@ class TargetSpec:
             if not cuda_codegen_available():
                 raise KvcError("this TVM build has no CUDA code generator; install a CUDA-enabled apache-tvm "
                                "or compile for llvm")
-            return tvm.target.Target({"kind": "cuda", "arch": self.cuda_arch}, host={"kind": "llvm"})
+            # the limits MetaSchedule's CUDA rules read (every GPU since Volta: 1024 threads, 48 KiB
+            # of static shared memory per block); kvc's attention kernels stay within them too
+            return tvm.target.Target({"kind": "cuda", "arch": self.cuda_arch, "max_threads_per_block": 1024,
+                                      "max_shared_memory_per_block": 48 * 1024, "thread_warp_size": 32},
+                                     host={"kind": "llvm"})
         attrs = {"kind": "llvm"}
         if self.num_cores is not None:
             attrs["num-cores"] = self.num_cores

@@ -1,10 +1,13 @@
-"""MetaSchedule autotuning of the decode step's weight matmuls (`kvc compile --tune-trials N`).
+"""MetaSchedule autotuning of the decode step's weight matmuls (`kvc compile --tune-trials N`), on the
+CPU (llvm) or on CUDA, where candidates are measured on this machine's GPU.
 
 Tuned: the kernels `decode_b1` calls that multiply by a weight matrix (with their fused epilogues),
 the decode step's hot loops. decode_b1 has static shapes (batch 1, one token), which MetaSchedule
 needs; kvc's own attention kernels are already scheduled and are not tuned. The database (JSON,
 MetaSchedule's format) goes into the artifact's tuning/ directory; `--tuning-db DIR` starts from
-one (it is copied, never modified) and with `--tune-trials 0` only applies it.
+one (it is copied, never modified) and with `--tune-trials 0` only applies it: a database tuned on a
+GPU machine can be applied by a CUDA build anywhere. On CUDA the tuned schedules replace dlight's for
+those kernels.
 """
 from __future__ import annotations
 
@@ -63,19 +66,29 @@ def open_database(staging: Path, request: TuningRequest):
     return ms.database.JSONDatabase(*(str(work / name) for name in DB_FILES), allow_missing=True)
 
 
+def runner_for(target: tvm.target.Target):
+    """How MetaSchedule measures candidates: in local processes on the target's device. CUDA needs a GPU."""
+    if target.kind.name == "cuda" and not tvm.cuda(0).exist:
+        raise KvcError("--tune-trials with --target cuda measures candidates on a GPU and this machine has none; "
+                       "tune on a GPU machine and reuse its artifact's tuning/ with --tuning-db, or use "
+                       "--tune-trials 0")
+    return "local"
+
+
 def tune(kernels: tvm.IRModule, target: tvm.target.Target, database, trials: int, progress=print) -> None:
     """Run MetaSchedule on ``kernels``, recording the best schedules in ``database``."""
     from tvm.s_tir import meta_schedule as ms
 
     if trials <= 0 or not kernels.functions:
         return
+    runner = runner_for(target)
     names = sorted(gv.name_hint for gv in kernels.functions)
     progress(f"tvm: tuning {len(names)} decode kernels with MetaSchedule, {trials} trials in all "
              f"(MetaSchedule's per-task table follows)")
     with tempfile.TemporaryDirectory(prefix="kvc-tune-") as work:  # logs and builds stay out of the artifact
         ms.tir_integration.tune_tir(kernels, target, work, max_trials_global=trials,
                                     num_trials_per_iter=min(64, max(trials // len(names), 2)),
-                                    builder=_in_process_builder(), cost_model=_cost_model(progress),
+                                    builder=_in_process_builder(), runner=runner, cost_model=_cost_model(progress),
                                     database=database, seed=0)
     progress(f"tvm: tuning done: {len(database.get_all_tuning_records())} measured schedules in the database")
 

@@ -39,8 +39,9 @@ from kvc.contract import KV_DTYPE_NAMES, WEIGHT_BLOCK_SIZES, WEIGHT_DTYPE_NAMES,
                    "seeded random prompt plus decode steps (past the model's window and the ring's wrap) and "
                    "refuse if their logits differ; --no-check skips it (huge models).")
 @click.option("--tune-trials", type=click.IntRange(min=0), default=0, show_default=True,
-              help="TVM on CPU: MetaSchedule trials (in all) for the decode step's weight matmuls; the "
-                   "database goes into the artifact's tuning/ directory. 0: kvc's default schedules.")
+              help="TVM: MetaSchedule trials (in all) for the decode step's weight matmuls (CUDA: measured on "
+                   "this machine's GPU); the database goes into the artifact's tuning/ directory. 0: kvc's "
+                   "default schedules.")
 @click.option("--tuning-db", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Start from (and with --tune-trials 0 only apply) an artifact's tuning/ directory; "
                    "it is copied, not modified.")

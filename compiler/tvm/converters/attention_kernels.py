@@ -1,4 +1,5 @@
-"""ai.kvc CacheAttention -> kvc's TIR kernels (kvc.compiler.tvm.kernels), llvm only.
+"""ai.kvc CacheAttention -> kvc's TIR kernels (kvc.compiler.tvm.kernels): the CPU kernels on llvm, their
+GPU variants (kernels.gpu_attention) on CUDA.
 
 CacheAttention is the ring-buffer Attention with the caches as stored (kvc.passes.lower_tvm_cache_attention
 wrote it): Q [B, H, S, D]; K, V [B, K, C, D] in float32 / float16 / int8 / float8e4m3fn, decoded by
@@ -17,9 +18,11 @@ import numpy as np
 from tvm import relax
 
 from kvc.compiler.tvm.converters.common import NodeContext, dtype_of, shape_of, simplify_dim
+from kvc.compiler.tvm.kernels import gpu_attention
 from kvc.compiler.tvm.kernels.decode_attention import DecodeAttentionSpec, emit_decode_attention
 from kvc.compiler.tvm.kernels.kv_read import ScaleLayout
 from kvc.compiler.tvm.kernels.prefill_attention import PrefillAttentionSpec, emit_prefill_attention
+from kvc.errors import KvcError
 
 OP = "CacheAttention"
 
@@ -54,12 +57,16 @@ def try_attention_kernel(bb: relax.BlockBuilder, q: relax.Expr, k_read: CacheRea
                   scale_layout=k_read.layout, query_dtype=dtype_of(q), has_mask=mask is not None,
                   chunk_size=context.kernel_chunk_size, softmax_scale=attr.get("scale"))
     if decode:
-        return emit_decode_attention(bb, DecodeAttentionSpec(**common), q, k_read.stored, v_read.stored, nonpad,
-                                     k_read.scale, v_read.scale, mask_B1SC)
-    spec = PrefillAttentionSpec(**common, causal=bool(attr.get("is_causal", 0)),
-                                query_tile=context.prefill_query_tile)
-    return emit_prefill_attention(bb, spec, q, k_read.stored, v_read.stored, nonpad, k_read.scale, v_read.scale,
-                                  mask_B1SC)
+        spec, emit = DecodeAttentionSpec(**common), emit_decode_attention
+    else:
+        spec, emit = PrefillAttentionSpec(**common, causal=bool(attr.get("is_causal", 0)),
+                                          query_tile=context.prefill_query_tile), emit_prefill_attention
+    if context.gpu_attention_kernels:
+        try:
+            spec, emit = gpu_attention.for_gpu(spec)
+        except KvcError:  # heads x head size beyond one thread block: the generic lowering
+            return None
+    return emit(bb, spec, q, k_read.stored, v_read.stored, nonpad, k_read.scale, v_read.scale, mask_B1SC)
 
 
 def _kernel_mask(bb, mask: relax.Expr | None, batch, q_len, capacity):

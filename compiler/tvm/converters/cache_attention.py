@@ -5,8 +5,9 @@ Attention's attributes plus ``scale_layout`` means exactly
   Attention(Q, decode(K), decode(V), attn_mask, nonpad_kv_seqlen=nonpad_kv_seqlen)
 where decode is the cache codec kvc.passes.lower_tvm_cache_attention found (per-token or per-head
 scales for int8 / float8e4m3fn, a cast for float16 under a float32 query, nothing for float32).
-On llvm kvc's kernels decode inside attention (attention_kernels.py); elsewhere, or for shapes the
-kernels do not take, the caches are decoded here and attention is the standard lowering.
+On llvm and CUDA kvc's kernels decode inside attention (attention_kernels.py; CPU or GPU kernels);
+with kernels off, or for shapes the kernels do not take, the caches are decoded here and attention is
+the standard lowering.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ class CacheAttention(OnnxOpConverter):
             raise GraphError(f"{OP}: needs nonpad_kv_seqlen, and scales exactly when scale_layout is not 'none'")
         k_read, v_read = CacheRead(k, k_scale, layout), CacheRead(v, v_scale, layout)
         context = attr.get(CONTEXT_KEY)
-        if context is not None and context.attention_kernels:
+        if context is not None and (context.attention_kernels or context.gpu_attention_kernels):
             y = try_attention_kernel(bb, q, k_read, v_read, mask, nonpad, attr, context)
             if y is not None:
                 return y

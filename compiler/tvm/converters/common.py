@@ -21,6 +21,7 @@ class NodeContext:
     attention_kernels: bool  # kvc's TIR attention kernels may be used (llvm builds)
     kernel_chunk_size: int
     prefill_query_tile: int
+    gpu_attention_kernels: bool = False  # kvc's GPU attention kernels may be used (CUDA builds)
     # One dict for the whole import: expressions a converter emitted that other nodes may reuse
     # (keyed by the converter; e.g. RotaryEmbedding's per-token cos/sin rows, the same in every layer).
     shared: dict = field(default_factory=dict, compare=False)
