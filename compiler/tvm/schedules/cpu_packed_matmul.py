@@ -1,0 +1,131 @@
+"""CPU (llvm) schedule for ai.kvc PackedMatMul kernels (kvc.compiler.tvm.converters.packed_matmul):
+Y[rows..., n] = sum_k X[rows..., k] * W(k, n) with W read from a packed [N/T, K, T] slab per column block
+(codes, possibly 4-bit, dequantized in the loop), plus elementwise epilogues.
+
+  parallel over (column block of T, row blocks of MB)
+    for k:  for each of the MB rows:  acc[row, cols] += x[row, k] * decode(slab[k, cols])   (vector FMA)
+    store acc through the epilogue
+
+Decode (one row per block) keeps the whole tile T in registers, so each parallel task streams one
+contiguous slab once; prefill (MB > 1 rows) tiles T into register-sized column groups. 4-bit tiles are
+split at the nibble halves: each half is one contiguous run of bytes, decoded with a constant shift.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight import analysis
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.target import Target
+
+from kvc.compiler.tvm.converters.packed_matmul import ANNOTATION, HALF_ANNOTATION
+from kvc.compiler.tvm.schedules.cpu_matmul import DECODE_TILES, PREFILL_TILES, MatmulTiles
+
+
+@dataclass(frozen=True)
+class PackedMatmul:
+    block: s_tir.schedule.SBlockRV
+    row_loops: list
+    col_loop: object
+    red_loop: object
+    tile: int  # T: columns per packed slab
+    half: int  # 4-bit: columns per nibble half (T / 2); else 0
+    many_rows: bool  # prefill: rows depend on a symbolic dim besides the leading one, or > 1 static
+    epilogues: list
+
+
+class CpuPackedMatmul(ScheduleRule):
+    """Schedules PrimFuncs whose first block is an annotated packed matmul followed by elementwise blocks."""
+
+    def __init__(self, decode: MatmulTiles = DECODE_TILES, prefill: MatmulTiles = PREFILL_TILES):
+        self.decode, self.prefill = decode, prefill
+
+    def is_target_available(self, target: Target) -> bool:
+        return target.kind.name == "llvm"
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        found = _match(sch)
+        if found is None:
+            return None
+        try:
+            if found.many_rows:
+                _schedule_rows(sch, found, self.prefill)
+            else:
+                _schedule_decode(sch, found, self.decode.lanes)
+        except s_tir.ScheduleError:  # an epilogue that cannot be inlined into the tile's store
+            return None
+        return sch
+
+
+def _match(sch: s_tir.Schedule) -> PackedMatmul | None:
+    infos = analysis.normalize_prim_func(sch)
+    if not infos or not all(e.is_injective() for e in infos[1:]):
+        return None
+    info = infos[0]
+    annotations = sch.get(info.block_rv).annotations
+    if ANNOTATION not in annotations:
+        return None
+    kinds = "".join(it.kind for it in info.iters)
+    if len(kinds) < 2 or kinds[:-1] != "S" * (len(kinds) - 1) or kinds[-1] != "R":
+        return None
+    row_extents = [it.dom for it in info.iters[:-2]]
+    symbolic = [e for e in row_extents if not isinstance(e, int)]
+    static = 1
+    for e in row_extents:
+        static *= e if isinstance(e, int) else 1
+    loops = [it.loop_rv for it in info.iters]
+    return PackedMatmul(info.block_rv, loops[:-2], loops[-2], loops[-1], int(annotations[ANNOTATION]),
+                        int(annotations[HALF_ANNOTATION]), len(symbolic) > 1 or static > 1,
+                        [e.block_rv for e in infos[1:]])
+
+
+def _schedule_decode(sch: s_tir.Schedule, m: PackedMatmul, lanes: int) -> None:
+    """One row per task: the whole T-column tile accumulates in registers over K."""
+    group = m.half or m.tile
+    rows = m.row_loops or [sch.add_unit_loop(m.col_loop)]
+    blocks, within = sch.split(m.col_loop, [None, m.tile])
+    groups, cols = sch.split(within, [None, group])
+    sch.reorder(blocks, *rows, m.red_loop, groups, cols)
+    work = sch.fuse(blocks, *rows)
+    sch.parallel(work)
+    _accumulate_and_store(sch, m, work)
+    sch.unroll(groups)
+    _vector_columns(sch, cols, lanes)
+    sch.decompose_reduction(m.block, m.red_loop)
+
+
+def _schedule_rows(sch: s_tir.Schedule, m: PackedMatmul, tiles: MatmulTiles) -> None:
+    """MB rows x a column group per task (as kvc.compiler.tvm.schedules.cpu_matmul's prefill tile)."""
+    group = min(tiles.cols, m.half or m.tile)
+    blocks, within = sch.split(m.col_loop, [None, m.tile])
+    groups, cols = sch.split(within, [None, group])
+    *outer_rows, rows = m.row_loops
+    row_outer, row_inner = sch.split(rows, [None, tiles.rows])
+    sch.reorder(blocks, groups, *outer_rows, row_outer, m.red_loop, row_inner, cols)
+    work = sch.fuse(blocks, groups, *outer_rows, row_outer)
+    sch.parallel(work)
+    _accumulate_and_store(sch, m, work)
+    sch.unroll(row_inner)
+    _vector_columns(sch, cols, tiles.lanes)
+    sch.decompose_reduction(m.block, m.red_loop)
+
+
+def _accumulate_and_store(sch: s_tir.Schedule, m: PackedMatmul, work) -> None:
+    accumulate = sch.cache_write(m.block, 0, "local")  # the register tile
+    sch.reverse_compute_at(accumulate, work)
+    sch.vectorize(sch.get_loops(accumulate)[-1])
+    if m.epilogues:  # one elementwise expression applied as the register tile is stored
+        *inner, last = m.epilogues
+        for block in inner:
+            sch.compute_inline(block)
+        sch.reverse_compute_inline(last)
+
+
+def _vector_columns(sch: s_tir.Schedule, cols, lanes: int) -> None:
+    vectors, lane = sch.split(cols, [None, lanes])
+    sch.unroll(vectors)
+    sch.vectorize(lane)

@@ -1,0 +1,110 @@
+"""ai.kvc PackedMatMul on TVM: the converter's kernel under kvc's CPU schedule, against numpy on the
+same weights (fresh seeded inputs). Weights: fp32 / fp16 re-laid out, and int8 / int4 codes made by the
+weight-quantization codec (symmetric and asymmetric, blocks of 32 and 128, a partial last block),
+packed by kvc.passes.lower_tvm_weight_codes. The numpy reference decodes the *unpacked* codes with
+the codec (kvc.passes.weight_quantize.dequantize_blocks), so a packing or nibble-order error fails."""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+from tvm import te, tirx  # noqa: E402
+
+from kvc.compiler.tvm.converters.packed_matmul import _packed_matmul_te  # noqa: E402
+from kvc.compiler.tvm.schedules import CpuPackedMatmul  # noqa: E402
+from kvc.passes.lower_tvm_weight_codes import PackedWeight, pack_float, pack_quantized, unpack  # noqa: E402
+from kvc.passes.weight_quantize import dequantize_blocks, quantize_blocks  # noqa: E402
+
+LLVM = tvm.target.Target({"kind": "llvm"})
+TOLERANCE = 2e-4  # fp32 sums in another order (as tests/compiler/test_weight_precision.py)
+
+
+def i64(value: int):
+    return tirx.IntImm("int64", value)
+
+
+def packed_and_reference(scheme: str, k: int, n: int, rng) -> tuple[PackedWeight, np.ndarray]:
+    """The packed weight and the float32 W [K, N] it stands for (decoded from the unpacked codes)."""
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    if scheme == "fp32":
+        return pack_float(w), w
+    if scheme == "fp16":
+        half = w.astype(np.float16)
+        return pack_float(half), half.astype(np.float32)
+    kind, symmetry, block = scheme.split("-")  # e.g. int4-asym-128
+    bits, symmetric, block = int(kind[3:]), symmetry == "sym", int(block)
+    q = quantize_blocks(w, bits, block, symmetric, axis=0)
+    reference = dequantize_blocks(q, block, axis=0)
+    zp = None if q.zero_point is None else q.zero_point.astype(np.int32)
+    return pack_quantized(q.codes.astype(np.int32), bits, symmetric, q.scale, zp, block), reference
+
+
+def packed_matmul_func(packed: PackedWeight, rows: tuple, with_residual: bool):
+    attrs = packed.attributes
+    k, n = attrs["K"], attrs["N"]
+    x = te.placeholder((*rows, i64(k)), "float32", name="x")
+    tensors = [te.placeholder([i64(d) for d in a.shape], str(a.dtype), name=name)
+               for name, a in (("codes", packed.codes), ("scale", packed.scale), ("zp", packed.zero_point))
+               if a is not None]
+    codes, scale, zp = tensors[0], (tensors[1] if len(tensors) > 1 else None), (tensors[2] if len(tensors) > 2 else None)
+    y = _packed_matmul_te(x, codes, scale, zp, k, n, attrs["tile"], attrs["bits"], attrs["block_size"],
+                          attrs["code_offset"])
+    args = [x, *tensors]
+    if with_residual:  # an epilogue the decode fusion puts in the same kernel
+        res = te.placeholder((*rows, i64(n)), "float32", name="res")
+        y = te.compute(y.shape, lambda *i: y(*i) + res(*i), name="residual")
+        args.append(res)
+    return te.create_prim_func(args + [y])
+
+
+def run(packed: PackedWeight, x: np.ndarray, rows: tuple, residual: np.ndarray | None) -> np.ndarray:
+    func = packed_matmul_func(packed, rows, residual is not None)
+    sch = CpuPackedMatmul().apply(func, LLVM, False)
+    assert sch is not None, "the packed-matmul rule did not take its kernel"
+    lib = tvm.compile(sch.mod, target=LLVM)
+    out = tvm.runtime.tensor(np.zeros(x.shape[:-1] + (packed.attributes["N"],), np.float32))
+    weights = [a for a in (packed.codes, packed.scale, packed.zero_point) if a is not None]
+    extra = [] if residual is None else [residual]
+    lib(*[tvm.runtime.tensor(a) for a in [x, *weights, *extra]], out)
+    return out.numpy()
+
+
+SCHEMES = ["fp32", "fp16", "int8-sym-32", "int8-asym-128", "int4-sym-32", "int4-sym-128", "int4-asym-32",
+           "int4-asym-128"]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("batch, seq, k, n", [
+    (1, 1, 160, 512),  # decode: K = 160 leaves a partial last block of 128; N = 512 -> tile 32
+    (2, 5, 96, 96),  # prefill rows not a multiple of the 4-row tile; N = 96 -> tile 16
+])
+def test_packed_matmul_equals_numpy(scheme, batch, seq, k, n):
+    rng = np.random.default_rng(zlib.crc32(f"{scheme}-{batch}-{seq}".encode()))
+    packed, w = packed_and_reference(scheme, k, n, rng)
+    np.testing.assert_array_equal(unpack(packed), w)  # the layout round-trips exactly
+    b, s = tirx.Var("batch", "int64"), tirx.Var("seq", "int64")
+    rows = (b, i64(1)) if seq == 1 else (b, s)
+    x = rng.standard_normal((batch, seq, k)).astype(np.float32)
+    residual = rng.standard_normal((batch, seq, n)).astype(np.float32)
+    got = run(packed, x, rows, residual)
+    want = x.astype(np.float64) @ w.astype(np.float64) + residual
+    worst = float(np.abs(got - want).max())
+    assert worst <= TOLERANCE, f"{scheme}: max |tvm - numpy| = {worst:.2e}"
+
+
+def test_static_single_row_decode_uses_the_whole_tile():
+    rng = np.random.default_rng(3)
+    packed, w = packed_and_reference("int4-sym-32", 64, 1024, rng)
+    assert packed.attributes["tile"] == 64 and packed.codes.shape == (16, 64, 32)  # two codes per byte
+    x = rng.standard_normal((1, 1, 64)).astype(np.float32)
+    got = run(packed, x, (i64(1), i64(1)), None)
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w, rtol=0, atol=TOLERANCE * 10)
+
+
+def test_unannotated_matmuls_are_left_to_other_rules():
+    from tests.compiler.test_tvm_schedules import weight_matmul
+
+    assert CpuPackedMatmul().apply(weight_matmul((i64(1), i64(1)), 16, 16), LLVM, False) is None
