@@ -19,6 +19,11 @@ Patterns (W, q, s, zp constant initializers read by nothing else):
      scale       [N/T, ceil(K/B), T] float32; zero_point [N/T, ceil(K/B), T] uint8 (asymmetric only)
   meaning  Y = X @ W,  W[k, n] = (code[k, n] - zp) * scale[k // B, n], zp = zero_point[k // B, n] or
            code_offset when there is none (8 for int4: signed codes are stored + 8, unsigned nibbles).
+A quantized embedding table E [V, H] (blocks along H) is W = E^T [K = H, N = V] in this form, stored once:
+  MatMul(X, Transpose(DequantizeLinear(q [V, H], s, zp?, axis=1, block_size=B), perm=[1, 0]))  (tied lm_head)
+  -> PackedMatMul(X, codes, scale?, zero_point?)
+  Gather(DequantizeLinear(q [V, H], ...), ids)  -> PackedGather(codes, ids, scale?, zero_point?)
+     same attributes; Y[..., h] = W[h, ids[...]] (non-negative ids): only the looked-up rows are decoded
 The TVM converter is kvc.compiler.tvm.converters.packed_matmul, the schedule
 kvc.compiler.tvm.schedules.cpu_packed_matmul.
 
@@ -34,7 +39,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from kvc.contract import KVC_DOMAIN, KVC_DOMAIN_VERSION, PACKED_MATMUL_OP
+from kvc.contract import KVC_DOMAIN, KVC_DOMAIN_VERSION, PACKED_GATHER_OP, PACKED_MATMUL_OP
 from kvc.passes.base import KvcPass, PassReport
 
 _WIDER = {ir.DataType.INT4: np.int8, ir.DataType.UINT4: np.uint8}
@@ -126,6 +131,8 @@ class LowerTvmWeightCodesPass(KvcPass):
         report = PassReport(self.name)
         graph = model.graph
         skipped: list[str] = []
+        for dq in [n for n in graph if n.op_type == "DequantizeLinear" and n.domain == ""]:
+            report.matched += _pack_table(graph, dq)
         for node in list(graph):
             if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
                 continue
@@ -138,7 +145,7 @@ class LowerTvmWeightCodesPass(KvcPass):
             graph.opset_imports.setdefault(KVC_DOMAIN, KVC_DOMAIN_VERSION)
             RemoveUnusedNodesPass()(model)  # the dequantize / cast nodes and the unpacked weights
             graph.sort()
-            report.notes.append(f"{report.matched} weight matmuls packed [N/T, K, T]")
+            report.notes.append(f"{report.matched} weight matmuls / embedding gathers read weights packed [N/T, K, T]")
         if skipped:
             report.notes.append(f"{len(skipped)} weight matmuls left unpacked, e.g. {skipped[0]}")
         widened = _widen_4bit_leftovers(graph, report)
@@ -200,21 +207,67 @@ def _packed_dequantize(graph: ir.Graph, dq: ir.Node) -> PackedWeight | None:
                           scale.const_value.numpy(), None if signed else zp, block)
 
 
-def _replace(graph: ir.Graph, matmul: ir.Node, packed: PackedWeight) -> None:
-    base = matmul.inputs[1].name
-    inputs = [matmul.inputs[0], _initializer(graph, packed.codes, f"{base}.packed")]
+def _pack_table(graph: ir.Graph, dq: ir.Node) -> int:
+    """A blocked-along-H table read only by Gathers and transposed by tied lm_heads: packed once as W = E^T;
+    the number of nodes rewritten (0 when the table is not in that form)."""
+    codes, scale = dq.inputs[0], dq.inputs[1]
+    zero_point = dq.inputs[2] if len(dq.inputs) > 2 else None
+    if (not _constant(graph, codes) or codes.dtype not in _BITS or len(codes.shape) != 2 or len(codes.uses()) != 1
+            or dq.attributes.get_int("block_size", 0) <= 0 or dq.attributes.get_int("axis", 1) % 2 != 1
+            or not _constant(graph, scale) or scale.dtype != ir.DataType.FLOAT
+            or (zero_point is not None and not _constant(graph, zero_point)) or dq.outputs[0].is_graph_output()):
+        return 0
+    gathers, matmuls = [], []
+    for use in dq.outputs[0].uses():
+        node = use.node
+        if node.op_type == "Gather" and node.domain == "" and use.idx == 0 and node.attributes.get_int("axis", 0) == 0:
+            gathers.append(node)
+        elif (node.op_type == "Transpose" and node.domain == "" and list(node.attributes.get_ints("perm", [])) == [1, 0]
+              and not node.outputs[0].is_graph_output()
+              and all(u.node.op_type == "MatMul" and u.node.domain == "" and u.idx == 1 for u in node.outputs[0].uses())):
+            matmuls += [u.node for u in node.outputs[0].uses()]
+        else:
+            return 0
+    signed = codes.dtype in (ir.DataType.INT4, ir.DataType.INT8)
+    zp = None if zero_point is None else zero_point.const_value.numpy().astype(np.int32)
+    if signed and zp is not None and np.any(zp):
+        return 0
+    packed = pack_quantized(codes.const_value.numpy().astype(np.int32).T, _BITS[codes.dtype], signed,
+                            scale.const_value.numpy().T, None if signed or zp is None else zp.T,
+                            dq.attributes.get_int("block_size"))
+    if packed is None:
+        return 0
+    weights = _packed_initializers(graph, packed, codes.name)
+    for matmul in matmuls:
+        _replace_node(graph, matmul, PACKED_MATMUL_OP, [matmul.inputs[0], *weights], packed.attributes)
+    for gather in gathers:
+        _replace_node(graph, gather, PACKED_GATHER_OP, [weights[0], gather.inputs[1], *weights[1:]], packed.attributes)
+    return len(matmuls) + len(gathers)
+
+
+def _packed_initializers(graph: ir.Graph, packed: PackedWeight, base: str) -> list[ir.Value]:
+    values = [_initializer(graph, packed.codes, f"{base}.packed")]
     if packed.scale is not None:
-        inputs.append(_initializer(graph, packed.scale, f"{base}.packed_scales"))
+        values.append(_initializer(graph, packed.scale, f"{base}.packed_scales"))
     if packed.zero_point is not None:
-        inputs.append(_initializer(graph, packed.zero_point, f"{base}.packed_zero_points"))
-    new = ir.node(PACKED_MATMUL_OP, inputs, attributes=packed.attributes, domain=KVC_DOMAIN)
-    graph.insert_before(matmul, new)
-    old, out = matmul.outputs[0], new.outputs[0]
+        values.append(_initializer(graph, packed.zero_point, f"{base}.packed_zero_points"))
+    return values
+
+
+def _replace(graph: ir.Graph, matmul: ir.Node, packed: PackedWeight) -> None:
+    weights = _packed_initializers(graph, packed, matmul.inputs[1].name)
+    _replace_node(graph, matmul, PACKED_MATMUL_OP, [matmul.inputs[0], *weights], packed.attributes)
+
+
+def _replace_node(graph: ir.Graph, old_node: ir.Node, op_type: str, inputs: list, attributes: dict) -> None:
+    new = ir.node(op_type, inputs, attributes=attributes, domain=KVC_DOMAIN)
+    graph.insert_before(old_node, new)
+    old, out = old_node.outputs[0], new.outputs[0]
     out.dtype = ir.DataType.FLOAT
     out.shape = old.shape
     old.replace_all_uses_with(out, replace_graph_outputs=True)
     name = old.name
-    graph.remove(matmul, safe=True)
+    graph.remove(old_node, safe=True)
     out.name = name
 
 

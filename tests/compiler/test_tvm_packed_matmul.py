@@ -108,3 +108,28 @@ def test_unannotated_matmuls_are_left_to_other_rules():
     from tests.compiler.test_tvm_schedules import weight_matmul
 
     assert CpuPackedMatmul().apply(weight_matmul((i64(1), i64(1)), 16, 16), LLVM, False) is None
+
+
+@pytest.mark.parametrize("scheme", ["int8-sym-32", "int4-sym-32", "int4-asym-128"])
+def test_packed_gather_reads_embedding_rows(scheme):
+    """A tied table E [V, H] is packed as W = E^T; PackedGather's rows are E's decoded rows."""
+    from kvc.compiler.tvm.converters.packed_matmul import PackedGather  # noqa: F401  (the converter's kernel)
+    from kvc.compiler.tvm.converters.packed_matmul import _PackedWeight
+
+    rng = np.random.default_rng(zlib.crc32(scheme.encode()))
+    packed, w = packed_and_reference(scheme, 160, 256, rng)  # W [K = H, N = V]
+    attrs = packed.attributes
+    weight = _PackedWeight(attrs["K"], attrs["N"], attrs["tile"], attrs["bits"], attrs["block_size"],
+                           attrs["code_offset"])
+    tensors = [te.placeholder([i64(d) for d in a.shape], str(a.dtype), name=name)
+               for name, a in (("codes", packed.codes), ("scale", packed.scale), ("zp", packed.zero_point))
+               if a is not None]
+    ids = te.placeholder((i64(2), i64(3)), "int64", name="ids")
+    decode = weight.decoder(*tensors, *([None] * (3 - len(tensors))))
+    rows = te.compute((i64(2), i64(3), i64(attrs["K"])), lambda a, b, h: decode(ids[a, b], h), name="rows")
+    lib = tvm.compile(te.create_prim_func([tensors[0], ids, *tensors[1:], rows]), target=LLVM)
+    token_ids = rng.integers(0, attrs["N"], (2, 3)).astype(np.int64)
+    out = tvm.runtime.tensor(np.zeros((2, 3, attrs["K"]), np.float32))
+    weights = [a for a in (packed.scale, packed.zero_point) if a is not None]
+    lib(*[tvm.runtime.tensor(a) for a in [packed.codes, token_ids, *weights]], out)
+    np.testing.assert_array_equal(out.numpy(), w.T[token_ids])
