@@ -133,3 +133,53 @@ def test_packed_gather_reads_embedding_rows(scheme):
     weights = [a for a in (packed.scale, packed.zero_point) if a is not None]
     lib(*[tvm.runtime.tensor(a) for a in [packed.codes, token_ids, *weights]], out)
     np.testing.assert_array_equal(out.numpy(), w.T[token_ids])
+
+
+# --- the engine: the packed path end to end ---------------------------------------------------------
+
+def _pass_report(artifact, name: str) -> dict:
+    import json
+
+    from kvc.contract import MANIFEST_FILE
+
+    manifest = json.loads((artifact / MANIFEST_FILE).read_text())
+    return {p["name"]: p for p in manifest["passes"]}[name]
+
+
+def test_packed_engine_equals_onnx_runtime(compiled):
+    """fp32 weights, every projection and the (untied) lm_head packed: TVM logits = ORT CPU's within 1e-4
+    (the tolerance of tests/compiler/test_tvm_engine.py), prefill and 12 decode steps."""
+    from kvc.runtime import load
+    from tests.compiler.test_tvm_engine import logits_trace
+
+    tvm_artifact = compiled("tiny", capacity=96, engine="tvm")
+    assert _pass_report(tvm_artifact, "lower_tvm_weight_codes")["matched"] == 2 * 7 + 1  # 7 per layer + lm_head
+    prompt, tokens = [3, 14, 15, 92, 65], [89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50, 28]
+    ort = logits_trace(load(compiled("tiny", capacity=96)), prompt, tokens)
+    got = logits_trace(load(tvm_artifact), prompt, tokens)
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(got, ort))
+    assert worst <= 1e-4, f"max |tvm packed - ort| = {worst:.2e}"
+
+
+def test_tied_int4_table_is_packed_once_and_equals_the_same_scheme_reference(exported, tmp_path):
+    """tiny-qwen2 (tied lm_head), int4 symmetric, block 32: the table is stored once, packed two codes per
+    byte, read by PackedGather (lookups) and PackedMatMul (lm_head); logits equal the fp32 export with the
+    same scheme's decoded weights on ONNX Runtime within 2e-4."""
+    from safetensors.numpy import load_file
+
+    from kvc.contract import PARAMS_FILE, WeightDtype
+    from kvc.passes.weight_quantize import WeightQuantOptions
+    from kvc.runtime import load
+    from tests.compiler.test_weight_precision import compile_to, same_scheme_export, worst_difference
+
+    options = WeightQuantOptions(WeightDtype.INT4, block_size=32)
+    onnx_path = exported("tiny-qwen2")[2]
+    artifact = compile_to(onnx_path, tmp_path / "q.kvc", "tvm", options)
+    assert _pass_report(artifact, "lower_tvm_weight_codes")["matched"] == 2 * 7 + 2  # + lm_head and lookup
+    tables = [(n, a) for n, a in load_file(str(artifact / PARAMS_FILE)).items() if "embed_tokens" in n]
+    codes = [a for n, a in tables if n.endswith(".packed")]
+    assert len(codes) == 1 and codes[0].dtype == np.uint8 and codes[0].size == 256 * 64 // 2, \
+        [(n, a.shape) for n, a in tables]
+    reference = load(compile_to(same_scheme_export(onnx_path, tmp_path / "ref", options), tmp_path / "ref.kvc"))
+    worst = worst_difference(load(artifact), reference)
+    assert worst <= 2e-4, f"max |tvm int4 - reference| = {worst:.2e}"
