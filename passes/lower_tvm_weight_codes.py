@@ -118,7 +118,7 @@ def pack_quantized(codes: np.ndarray, bits: int, signed: bool, scale: np.ndarray
         stored = pack_nibble_halves(pack_columns(codes.astype(np.int32) + offset, tile))
         zero_point = None if zero_point is None else zero_point.astype(np.int32) + offset
     else:
-        stored = pack_columns(codes, tile)
+        stored = pack_columns(codes.astype(np.int8 if signed else np.uint8), tile)
     zp = None if zero_point is None else pack_columns(np.asarray(zero_point).astype(np.uint8), tile)
     return PackedWeight(stored, pack_columns(scale.astype(np.float32), tile), zp,
                         {"K": k, "N": n, "tile": tile, "bits": bits, "block_size": block, "code_offset": offset})

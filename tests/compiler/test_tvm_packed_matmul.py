@@ -85,6 +85,8 @@ def test_packed_matmul_equals_numpy(scheme, batch, seq, k, n):
     rng = np.random.default_rng(zlib.crc32(f"{scheme}-{batch}-{seq}".encode()))
     packed, w = packed_and_reference(scheme, k, n, rng)
     np.testing.assert_array_equal(unpack(packed), w)  # the layout round-trips exactly
+    code_bytes = {"fp32": 4, "fp16": 2, "int8": 1, "int4": 0.5}[scheme.split("-")[0]]
+    assert packed.codes.nbytes == k * n * code_bytes  # stored at the scheme's width
     b, s = tirx.Var("batch", "int64"), tirx.Var("seq", "int64")
     rows = (b, i64(1)) if seq == 1 else (b, s)
     x = rng.standard_normal((batch, seq, k)).astype(np.float32)
