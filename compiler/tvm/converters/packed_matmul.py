@@ -22,6 +22,7 @@ from kvc.errors import GraphError
 
 ANNOTATION = "kvc.packed_matmul"  # block annotation: the packed tile T (columns per block)
 HALF_ANNOTATION = "kvc.packed_matmul_half"  # 4-bit codes: columns per nibble half (T / 2), else 0
+STAGE_ANNOTATION = "kvc.packed_matmul_stage"  # the per-block sums a quantized matmul computes first
 
 
 class PackedMatMul(OnnxOpConverter):
@@ -73,18 +74,26 @@ class _PackedWeight:
     block: int
     offset: int
 
-    def decoder(self, codes, scale, zero_point):
-        tile, block, offset = self.tile, self.block, self.offset
-        half = tile // 2 if self.bits == 4 else 0
+    def code_reader(self, codes):
+        """code(n, k): the stored code of W[k, n] (a nibble for 4 bits)."""
+        tile, half = self.tile, (self.tile // 2 if self.bits == 4 else 0)
 
-        def weight(col, red):
+        def code(col, red):
             blk, j = col // tile, col % tile
             if half:
                 byte = codes[blk, red, j % half].astype("int32")
-                code = tirx.bitwise_and(tirx.shift_right(byte, (j // half * 4).astype("int32")), 15)
-            else:
-                code = codes[blk, red, j]
-            value = code.astype("float32")
+                return tirx.bitwise_and(tirx.shift_right(byte, (j // half * 4).astype("int32")), 15)
+            return codes[blk, red, j]
+
+        return code
+
+    def decoder(self, codes, scale, zero_point):
+        tile, block, offset = self.tile, self.block, self.offset
+        code = self.code_reader(codes)
+
+        def weight(col, red):
+            blk, j = col // tile, col % tile
+            value = code(col, red).astype("float32")
             if not block:
                 return value
             if zero_point is not None:
@@ -101,9 +110,47 @@ def _i64(v: int):
 
 
 def _packed_matmul_te(x, codes, scale, zero_point, k: int, n: int, tile: int, bits: int, block: int, offset: int):
-    weight = _PackedWeight(k, n, tile, bits, block, offset).decoder(codes, scale, zero_point)
-    half = tile // 2 if bits == 4 else 0
-    red = te.reduce_axis((_i64(0), _i64(k)), "k")
-    out_shape = list(x.shape[:-1]) + [_i64(n)]
-    return te.compute(out_shape, lambda *idx: te.sum(x[(*idx[:-1], red)] * weight(idx[-1], red), axis=red),
-                      name="packed_matmul", attrs={ANNOTATION: tile, HALF_ANNOTATION: half})
+    """Y = X @ W. Quantized weights are summed per scale block first (codes only), then scaled once per block:
+      partial[.., b, n] = sum_{k in block b} x[.., k] * code(k, n)        xsum[.., b] = sum_{k in b} x[.., k]
+      Y[.., n]         = sum_b (partial[.., b, n] - zp(b, n) * xsum[.., b]) * scale(b, n)
+    which is the same sum, with a convert and an FMA per weight instead of also a subtract and a multiply."""
+    packed = _PackedWeight(k, n, tile, bits, block, offset)
+    attrs = {ANNOTATION: tile, HALF_ANNOTATION: tile // 2 if bits == 4 else 0}
+    rows = list(x.shape[:-1])
+    blocks = -(-k // block) if block else 0
+    if blocks <= 1:  # unquantized, or one scale block spans K (a unit loop over blocks would not stay a loop)
+        weight = packed.decoder(codes, scale, zero_point)
+        red = te.reduce_axis((_i64(0), _i64(k)), "k")
+        return te.compute(rows + [_i64(n)], lambda *idx: te.sum(x[(*idx[:-1], red)] * weight(idx[-1], red), axis=red),
+                          name="packed_matmul", attrs=attrs)
+    code = packed.code_reader(codes)
+    inner = te.reduce_axis((_i64(0), _i64(block)), "ki")
+
+    def in_block(b, i, value):
+        """value(row k) for k = b * block + i; zero past K (a partial last block: the index is clamped so that
+        nothing is read out of bounds; te.sum's ``where`` is dropped by create_prim_func)."""
+        index = b * block + i
+        if k % block == 0:
+            return value(index)
+        return tirx.if_then_else(index < k, value(tirx.min(index, _i64(k - 1))), tirx.const(0.0, "float32"))
+
+    partial = te.compute(rows + [_i64(blocks), _i64(n)], lambda *idx: te.sum(in_block(
+        idx[-2], inner, lambda kk: x[(*idx[:-2], kk)] * code(idx[-1], kk).astype("float32")), axis=inner),
+        name="packed_partial", attrs={STAGE_ANNOTATION: 1})
+    has_zero = zero_point is not None or offset
+    if has_zero:
+        x_inner = te.reduce_axis((_i64(0), _i64(block)), "xi")
+        x_sum = te.compute(rows + [_i64(blocks)], lambda *idx: te.sum(in_block(
+            idx[-1], x_inner, lambda kk: x[(*idx[:-1], kk)]), axis=x_inner), name="packed_xsum",
+            attrs={STAGE_ANNOTATION: 1})
+    red = te.reduce_axis((_i64(0), _i64(blocks)), "kb")
+
+    def scaled(*idx):
+        col, blk, j = idx[-1], idx[-1] // tile, idx[-1] % tile
+        value = partial[(*idx[:-1], red, col)]
+        if has_zero:
+            zero = zero_point[blk, red, j].astype("float32") if zero_point is not None else float(offset)
+            value = value - zero * x_sum[(*idx[:-1], red)]
+        return te.sum(value * scale[blk, red, j], axis=red)
+
+    return te.compute(rows + [_i64(n)], scaled, name="packed_matmul", attrs=attrs)

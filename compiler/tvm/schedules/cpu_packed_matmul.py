@@ -9,6 +9,8 @@ Y[rows..., n] = sum_k X[rows..., k] * W(k, n) with W read from a packed [N/T, K,
 Decode (one row per block) keeps the whole tile T in registers, so each parallel task streams one
 contiguous slab once; prefill (MB > 1 rows) tiles T into register-sized column groups. 4-bit tiles are
 split at the nibble halves: each half is one contiguous run of bytes, decoded with a constant shift.
+Quantized kernels sum each scale block's codes first (the converter's partial / xsum stages): those
+are computed inside the loop over blocks, into registers, and scaled once per block.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from tvm.s_tir.dlight import analysis
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from kvc.compiler.tvm.converters.packed_matmul import ANNOTATION, HALF_ANNOTATION
+from kvc.compiler.tvm.converters.packed_matmul import ANNOTATION, HALF_ANNOTATION, STAGE_ANNOTATION
 from kvc.compiler.tvm.schedules.cpu_matmul import DECODE_TILES, PREFILL_TILES, MatmulTiles
 
 
@@ -33,6 +35,7 @@ class PackedMatmul:
     half: int  # 4-bit: columns per nibble half (T / 2); else 0
     many_rows: bool  # prefill: rows depend on a symbolic dim besides the leading one, or > 1 static
     epilogues: list
+    stages: list  # quantized: the per-block sums (codes x inputs, and inputs alone) computed first
 
 
 class CpuPackedMatmul(ScheduleRule):
@@ -63,12 +66,18 @@ class CpuPackedMatmul(ScheduleRule):
 
 def _match(sch: s_tir.Schedule) -> PackedMatmul | None:
     infos = analysis.normalize_prim_func(sch)
-    if not infos or not all(e.is_injective() for e in infos[1:]):
+    if not infos:
         return None
-    info = infos[0]
+    found = [i for i, e in enumerate(infos) if ANNOTATION in sch.get(e.block_rv).annotations]
+    if len(found) != 1:
+        return None
+    at = found[0]
+    stages, info, epilogues = infos[:at], infos[at], infos[at + 1:]
+    if not all(STAGE_ANNOTATION in sch.get(e.block_rv).annotations for e in stages):
+        return None
+    if not all(e.is_injective() for e in epilogues):
+        return None
     annotations = sch.get(info.block_rv).annotations
-    if ANNOTATION not in annotations:
-        return None
     kinds = "".join(it.kind for it in info.iters)
     if len(kinds) < 2 or kinds[:-1] != "S" * (len(kinds) - 1) or kinds[-1] != "R":
         return None
@@ -80,7 +89,7 @@ def _match(sch: s_tir.Schedule) -> PackedMatmul | None:
     loops = [it.loop_rv for it in info.iters]
     return PackedMatmul(info.block_rv, loops[:-2], loops[-2], loops[-1], int(annotations[ANNOTATION]),
                         int(annotations[HALF_ANNOTATION]), len(symbolic) > 1 or static > 1,
-                        [e.block_rv for e in infos[1:]])
+                        [e.block_rv for e in epilogues], [e.block_rv for e in stages])
 
 
 def _schedule_decode(sch: s_tir.Schedule, m: PackedMatmul, lanes: int) -> None:
@@ -95,6 +104,7 @@ def _schedule_decode(sch: s_tir.Schedule, m: PackedMatmul, lanes: int) -> None:
     _accumulate_and_store(sch, m, work)
     sch.unroll(groups)
     _vector_columns(sch, cols, lanes)
+    _stages_per_block(sch, m, lanes)
     sch.decompose_reduction(m.block, m.red_loop)
 
 
@@ -111,6 +121,7 @@ def _schedule_rows(sch: s_tir.Schedule, m: PackedMatmul, tiles: MatmulTiles) -> 
     _accumulate_and_store(sch, m, work)
     sch.unroll(row_inner)
     _vector_columns(sch, cols, tiles.lanes)
+    _stages_per_block(sch, m, tiles.lanes)
     sch.decompose_reduction(m.block, m.red_loop)
 
 
@@ -129,3 +140,22 @@ def _vector_columns(sch: s_tir.Schedule, cols, lanes: int) -> None:
     vectors, lane = sch.split(cols, [None, lanes])
     sch.unroll(vectors)
     sch.vectorize(lane)
+
+
+def _stages_per_block(sch: s_tir.Schedule, m: PackedMatmul, lanes: int) -> None:
+    """Each per-block sum computed into registers inside the matmul's loop over blocks (m.red_loop), with
+    the block's K values outermost and the columns innermost as vectors."""
+    block_var = sch.get(m.red_loop).loop_var
+    for stage in reversed(m.stages):  # the stage the matmul reads first, then the ones it reads
+        sch.compute_at(stage, m.red_loop)
+        sch.set_scope(stage, 0, "local")
+        loops = sch.get_loops(stage)
+        depth = next(i for i, loop in enumerate(loops) if sch.get(loop).loop_var.same_as(block_var)) + 1
+        *spatial, inner = loops[depth:]
+        sch.reorder(inner, *spatial)
+        extent = sch.get(spatial[-1]).extent if spatial else None
+        if isinstance(extent, tirx.IntImm) and int(extent) > 1 and int(extent) % lanes == 0:
+            vectors, lane = sch.split(spatial[-1], [None, lanes])
+            sch.unroll(vectors)
+            sch.vectorize(lane)
+        sch.decompose_reduction(stage, inner)
