@@ -143,8 +143,9 @@ class LowerTvmWeightCodesPass(KvcPass):
         if report.matched:
             model.opset_imports.setdefault(KVC_DOMAIN, KVC_DOMAIN_VERSION)
             graph.opset_imports.setdefault(KVC_DOMAIN, KVC_DOMAIN_VERSION)
-            RemoveUnusedNodesPass()(model)  # the dequantize / cast nodes and the unpacked weights
-            graph.sort()
+            # the dequantize / cast nodes and the unpacked weights; no re-sort: each new node took its old
+            # node's place, and a sorted order moves other nodes (TVM's decode fusion is sensitive to it)
+            RemoveUnusedNodesPass()(model)
             report.notes.append(f"{report.matched} weight matmuls / embedding gathers read weights packed [N/T, K, T]")
         if skipped:
             report.notes.append(f"{len(skipped)} weight matmuls left unpacked, e.g. {skipped[0]}")

@@ -64,6 +64,11 @@ class CpuPackedMatmul(ScheduleRule):
         return sch
 
 
+def is_packed_matmul(func: tirx.PrimFunc) -> bool:
+    """Whether ``func`` is a PackedMatMul kernel (plus elementwise epilogues), the kernels this rule schedules."""
+    return _match(s_tir.Schedule(func)) is not None
+
+
 def _match(sch: s_tir.Schedule) -> PackedMatmul | None:
     infos = analysis.normalize_prim_func(sch)
     if not infos:
