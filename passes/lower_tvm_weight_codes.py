@@ -9,7 +9,8 @@ Quantized weights would otherwise be decoded to a float32 W by a separate kernel
 bytes read per step were the fp32 bytes, plus the codes); here the kernel reads the codes themselves.
 
 Patterns (W, q, s, zp constant initializers read by nothing else):
-  MatMul(X, W [K, N] float32 | Cast(W float16 -> float32))
+  MatMul(X, W [K, N] float32)     (fp16 weights keep their Cast + MatMul: their packed form is not loaded
+                                   as float16 by the engine yet)
   MatMul(X, DequantizeLinear(q [K, N] int8/uint8/int4/uint4, s [ceil(K/B), N], zp?, axis=0, block_size=B))
   -> PackedMatMul(X, codes, scale?, zero_point?)   domain ai.kvc
      attributes K, N, tile T, bits (32 | 16 | 8 | 4), block_size B (0: unquantized), code_offset
@@ -174,12 +175,6 @@ def _packed_weight(graph: ir.Graph, matmul: ir.Node, skipped: list[str]) -> Pack
         if not _constant(graph, weight) or weight.dtype != ir.DataType.FLOAT or len(weight.shape) != 2:
             return None
         packed = pack_float(weight.const_value.numpy())
-    elif producer.op_type == "Cast" and producer.domain == "":
-        source = producer.inputs[0]
-        if (not _constant(graph, source) or source.dtype != ir.DataType.FLOAT16 or len(source.shape) != 2
-                or not _only_use(source, producer) or producer.attributes.get_int("to", 0) != ir.DataType.FLOAT):
-            return None
-        packed = pack_float(source.const_value.numpy())
     elif producer.op_type == "DequantizeLinear" and producer.domain == "":
         packed = _packed_dequantize(graph, producer)
     else:
