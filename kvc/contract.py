@@ -232,3 +232,5 @@ ENTRY_NAMES = tuple(e.value for e in Entry)
 KVC_DOMAIN = "ai.kvc"
 KVC_DOMAIN_VERSION = 1
 CACHE_ATTENTION_OP = "CacheAttention"  # TVM: Attention over the stored ring (kvc.passes.lower_tvm_cache_attention)
+PACKED_MATMUL_OP = "PackedMatMul"  # TVM: X @ W on pre-packed (and quantized) weights (kvc.passes.lower_tvm_weight_codes)
+PACKED_GATHER_OP = "PackedGather"  # TVM: embedding rows read from a PackedMatMul weight (kvc.passes.lower_tvm_weight_codes)

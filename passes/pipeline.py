@@ -60,9 +60,8 @@ def lowering_passes(engine: EngineKind | str) -> list[KvcPass]:
                 LowerOrtLiveSlotsPass(), LowerOrtMatMulNBitsPass()]
     from kvc.passes.lower_tvm_cache_attention import LowerTvmCacheAttentionPass
     from kvc.passes.lower_tvm_static_reshapes import LowerTvmStaticReshapesPass
-    from kvc.passes.lower_tvm_weight_codes import LowerTvmWeightCodesPass
 
-    return [LowerTvmWeightCodesPass(), LowerTvmStaticReshapesPass(), LowerTvmCacheAttentionPass()]
+    return [LowerTvmStaticReshapesPass(), LowerTvmCacheAttentionPass()]  # weights: per entry, last
 
 
 def entry_lowering_passes(engine: EngineKind | str) -> dict[Entry, list[KvcPass]]:
@@ -71,8 +70,12 @@ def entry_lowering_passes(engine: EngineKind | str) -> dict[Entry, list[KvcPass]
     if EngineKind(engine) is EngineKind.ORT:
         return {}
     from kvc.passes.lower_tvm_decode_entry import DECODE_BATCH, LowerTvmDecodeEntryPass
+    from kvc.passes.lower_tvm_weight_codes import LowerTvmWeightCodesPass
 
-    return {entry: [LowerTvmDecodeEntryPass(entry)] for entry in DECODE_BATCH}
+    # Weights packed last, in every entry: ONNX shape inference (which the decode passes' folding runs)
+    # cannot see through ai.kvc PackedMatMul. The entries pack the same weights under the same names.
+    return {entry: ([LowerTvmDecodeEntryPass(entry)] if entry in DECODE_BATCH else []) + [LowerTvmWeightCodesPass()]
+            for entry in Entry}
 
 
 def lower_entries(model: ir.Model, engine: EngineKind | str, dump_dir: Path | None = None,

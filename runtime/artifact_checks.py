@@ -150,6 +150,13 @@ def check_tvm_params(root: Path, manifest: Manifest) -> None:
             raise ArtifactError(f"entry {entry} passes weights {missing[:3]} that {PARAMS_FILE} does not hold; "
                                 "recompile")
     vocab = manifest.limits.vocab_size
-    if not any(len(i["shape"]) == 2 and vocab in i["shape"] for i in header.values()):
+    if not any(_holds_vocab(i["shape"], vocab) for i in header.values()):
         raise ArtifactError(f"no weight in {PARAMS_FILE} has the model's vocab size {vocab} (the embedding): "
                             "manifest.json's model.vocab_size was edited; recompile")
+
+
+def _holds_vocab(shape: list[int], vocab: int) -> bool:
+    """A [V, H] table, or one packed as kvc.passes.lower_tvm_weight_codes stores it: [V/T, H, T] (T/2: 4-bit)."""
+    if len(shape) == 2:
+        return vocab in shape
+    return len(shape) == 3 and shape[0] * shape[2] in (vocab, vocab // 2)

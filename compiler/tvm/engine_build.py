@@ -133,14 +133,14 @@ def relax_pipeline(target: tvm.target.Target, database=None, dump: RelaxDump | N
     from tvm.relax import transform
     from tvm.s_tir import dlight as dl
 
-    from kvc.compiler.tvm.schedules import CpuRowReduction, CpuWeightMatmul
+    from kvc.compiler.tvm.schedules import CpuPackedMatmul, CpuRowReduction, CpuWeightMatmul
     from kvc.compiler.tvm.tuning import apply_database_pass
 
     if target.kind.name == "cuda":
         rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
     else:
         # CpuRowReduction before dlight's Reduction: that one recomputes a norm's row sum per element
-        rules = [CpuWeightMatmul(), CpuRowReduction(), dl.cpu.GEMV(), dl.cpu.Reduction()]
+        rules = [CpuPackedMatmul(), CpuWeightMatmul(), CpuRowReduction(), dl.cpu.GEMV(), dl.cpu.Reduction()]
     tuned = [apply_database_pass(database)] if database is not None else []
 
     phases = [

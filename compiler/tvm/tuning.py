@@ -32,15 +32,17 @@ class TuningRequest:
 
 
 def hot_kernels(mod: tvm.IRModule, entry: str) -> tvm.IRModule:
-    """The weight-matmul PrimFuncs ``entry`` calls, with static shapes, as their own module."""
+    """The weight-matmul PrimFuncs ``entry`` calls (plain or ai.kvc PackedMatMul), with static shapes, as their
+    own module."""
     from tvm import relax
 
     from kvc.compiler.tvm.schedules.cpu_matmul import is_weight_matmul
+    from kvc.compiler.tvm.schedules.cpu_packed_matmul import is_packed_matmul
 
     found = {}
     for gv in relax.analysis.all_global_vars(mod[entry]):
         func = mod[gv]
-        if isinstance(func, tirx.PrimFunc) and _static(func) and is_weight_matmul(func):
+        if isinstance(func, tirx.PrimFunc) and _static(func) and (is_weight_matmul(func) or is_packed_matmul(func)):
             found[gv.name_hint] = func
     return tvm.IRModule(found)
 

@@ -47,7 +47,9 @@ def test_tvm_dump_continues_with_lowering_and_the_relax_phases(exported, tmp_pat
     result, files, lowering = compile_with_dump(exported, tmp_path, "tvm", "fp32")
     steps = numbered(files)
     assert [i for i, _ in steps] == list(range(len(steps)))
-    decode_graphs = ["lower_tvm_decode_entry", "lower_tvm_decode_b1_entry"]  # what the decode entries import
+    # what each entry imports: prefill's, decode's and decode_b1's graphs, weights packed last in each
+    decode_graphs = ["lower_tvm_weight_codes", "lower_tvm_decode_entry", "lower_tvm_weight_codes",
+                     "lower_tvm_decode_b1_entry", "lower_tvm_weight_codes"]
     relax = ["relax_import", "relax_legalize_and_fuse", "relax_schedule", "relax_lower_to_vm"]
     assert [name for _, name in steps] == ["input", *NEUTRAL, *lowering, *decode_graphs, *relax]
     assert [p["name"] for p in result.manifest.passes] == [*NEUTRAL, *lowering, *decode_graphs]

@@ -50,7 +50,7 @@ CASES = {
     "int4": WeightQuantOptions(WeightDtype.INT4, block_size=32),
     "int4-asym-128": WeightQuantOptions(WeightDtype.INT4, block_size=128, symmetric=False),
 }
-TVM_CASES = ["fp16", "int4-asym-128"]  # TVM builds cost ~25 s each on the loaded 2-core machine
+TVM_CASES = ["fp16", "int4", "int4-asym-128"]  # TVM builds cost ~25 s each on the loaded 2-core machine
 
 
 @pytest.fixture(scope="module")

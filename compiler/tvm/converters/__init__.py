@@ -5,12 +5,13 @@ from __future__ import annotations
 from kvc.compiler.tvm.converters.attention import Attention
 from kvc.compiler.tvm.converters.cache_attention import CacheAttention
 from kvc.compiler.tvm.converters.cast import Cast
+from kvc.compiler.tvm.converters.packed_matmul import PackedGather, PackedMatMul
 from kvc.compiler.tvm.converters.quantize import DequantizeLinear, QuantizeLinear
 from kvc.compiler.tvm.converters.range import Range
 from kvc.compiler.tvm.converters.rms_normalization import RMSNormalization
 from kvc.compiler.tvm.converters.rotary_embedding import RotaryEmbedding
 from kvc.compiler.tvm.converters.tensor_scatter import TensorScatter
-from kvc.contract import CACHE_ATTENTION_OP
+from kvc.contract import CACHE_ATTENTION_OP, PACKED_GATHER_OP, PACKED_MATMUL_OP
 
 CONVERTERS = {
     "Attention": Attention,
@@ -22,6 +23,7 @@ CONVERTERS = {
     "Cast": Cast,
     "Range": Range,
 }
-KVC_CONVERTERS = {CACHE_ATTENTION_OP: CacheAttention}  # domain ai.kvc
+KVC_CONVERTERS = {CACHE_ATTENTION_OP: CacheAttention, PACKED_MATMUL_OP: PackedMatMul,
+                  PACKED_GATHER_OP: PackedGather}  # domain ai.kvc
 
 __all__ = ["CONVERTERS", "KVC_CONVERTERS"]

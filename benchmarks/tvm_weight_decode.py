@@ -1,0 +1,69 @@
+"""Decode ms/token of several compiled artifacts, timed interleaved in one process (step by step,
+round robin), so that their ratios hold on a loaded machine.
+
+    python benchmarks/tvm_weight_decode.py before-fp32=a.kvc after-fp32=b.kvc after-int4=c.kvc \
+        [--context 128] [--steps 32] [--reps 5] [--baseline before-fp32]
+
+Each artifact gets the same seeded prompt of --context tokens (a real prefill), then --reps rounds; in
+each round every artifact decodes --steps tokens (its own greedy continuation is not needed for
+timing: a fixed token is fed). Reports the median ms/token per artifact, its ratio to --baseline, the
+weight bytes it stores (params.safetensors) and the GB/s those bytes imply. Artifacts built by
+another kvc version load with this one's runtime as long as their manifest format matches.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kvc.contract import PARAMS_FILE
+from kvc.runtime import load
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifacts", nargs="+", help="label=path of a compiled artifact")
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--baseline", help="label the ratios are taken against (default: the first)")
+    args = parser.parse_args()
+    paths = dict(a.split("=", 1) for a in args.artifacts)
+    baseline = args.baseline or next(iter(paths))
+    models = {label: load(path) for label, path in paths.items()}
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, 1000, (1, args.context))
+    past = {}
+    for label, model in models.items():
+        if model.capacity < args.context + args.steps * (args.reps + 1):
+            raise SystemExit(f"{label}: capacity {model.capacity} is below context + all decode steps; recompile")
+        model.prefill(prompt)
+        past[label] = args.context
+    def steps(label: str) -> float:
+        model, start = models[label], time.perf_counter()
+        for _ in range(args.steps):
+            model.decode(np.array([5]), np.array([past[label]]))
+            past[label] += 1
+        return (time.perf_counter() - start) / args.steps
+    for label in models:  # warm-up round
+        steps(label)
+    times: dict[str, list[float]] = {label: [] for label in models}
+    for _ in range(args.reps):
+        for label in models:
+            times[label].append(steps(label))
+    base = statistics.median(times[baseline])
+    print(f"decode at context {args.context}, batch 1, {args.steps} steps x {args.reps} interleaved rounds, "
+          f"{len(os.sched_getaffinity(0))} CPUs; ratios vs {baseline}")
+    for label, ts in times.items():
+        med = statistics.median(ts)
+        weights = (Path(paths[label]) / PARAMS_FILE).stat().st_size
+        print(f"  {label:14s} median {med * 1e3:7.2f} ms/token  min {min(ts) * 1e3:7.2f}  vs {baseline} {med / base:5.3f}"
+              f"  params {weights / 1e6:6.1f} MB  {weights / med / 1e9:5.1f} GB/s of stored weights")
+
+
+if __name__ == "__main__":
+    main()

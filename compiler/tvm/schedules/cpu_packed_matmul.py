@@ -1,0 +1,166 @@
+"""CPU (llvm) schedule for ai.kvc PackedMatMul kernels (kvc.compiler.tvm.converters.packed_matmul):
+Y[rows..., n] = sum_k X[rows..., k] * W(k, n) with W read from a packed [N/T, K, T] slab per column block
+(codes, possibly 4-bit, dequantized in the loop), plus elementwise epilogues.
+
+  parallel over (column block of T, row blocks of MB)
+    for k:  for each of the MB rows:  acc[row, cols] += x[row, k] * decode(slab[k, cols])   (vector FMA)
+    store acc through the epilogue
+
+Decode (one row per block) keeps the whole tile T in registers, so each parallel task streams one
+contiguous slab once; prefill (MB > 1 rows) tiles T into register-sized column groups. 4-bit tiles are
+split at the nibble halves: each half is one contiguous run of bytes, decoded with a constant shift.
+Quantized kernels sum each scale block's codes first (the converter's partial / xsum stages): those
+are computed inside the loop over blocks, into registers, and scaled once per block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight import analysis
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.target import Target
+
+from kvc.compiler.tvm.converters.packed_matmul import ANNOTATION, HALF_ANNOTATION, STAGE_ANNOTATION
+from kvc.compiler.tvm.schedules.cpu_matmul import DECODE_TILES, PREFILL_TILES, MatmulTiles
+
+
+@dataclass(frozen=True)
+class PackedMatmul:
+    block: s_tir.schedule.SBlockRV
+    row_loops: list
+    col_loop: object
+    red_loop: object
+    tile: int  # T: columns per packed slab
+    half: int  # 4-bit: columns per nibble half (T / 2); else 0
+    many_rows: bool  # prefill: rows depend on a symbolic dim besides the leading one, or > 1 static
+    epilogues: list
+    stages: list  # quantized: the per-block sums (codes x inputs, and inputs alone) computed first
+
+
+class CpuPackedMatmul(ScheduleRule):
+    """Schedules PrimFuncs whose first block is an annotated packed matmul followed by elementwise blocks."""
+
+    def __init__(self, decode: MatmulTiles = DECODE_TILES, prefill: MatmulTiles = PREFILL_TILES):
+        self.decode, self.prefill = decode, prefill
+
+    def is_target_available(self, target: Target) -> bool:
+        return target.kind.name == "llvm"
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        found = _match(sch)
+        if found is None:
+            return None
+        try:
+            if found.many_rows:
+                _schedule_rows(sch, found, self.prefill)
+            else:
+                _schedule_decode(sch, found, self.decode.lanes)
+        except s_tir.ScheduleError:  # an epilogue that cannot be inlined into the tile's store
+            return None
+        return sch
+
+
+def is_packed_matmul(func: tirx.PrimFunc) -> bool:
+    """Whether ``func`` is a PackedMatMul kernel (plus elementwise epilogues), the kernels this rule schedules."""
+    return _match(s_tir.Schedule(func)) is not None
+
+
+def _match(sch: s_tir.Schedule) -> PackedMatmul | None:
+    infos = analysis.normalize_prim_func(sch)
+    if not infos:
+        return None
+    found = [i for i, e in enumerate(infos) if ANNOTATION in sch.get(e.block_rv).annotations]
+    if len(found) != 1:
+        return None
+    at = found[0]
+    stages, info, epilogues = infos[:at], infos[at], infos[at + 1:]
+    if not all(STAGE_ANNOTATION in sch.get(e.block_rv).annotations for e in stages):
+        return None
+    if not all(e.is_injective() for e in epilogues):
+        return None
+    annotations = sch.get(info.block_rv).annotations
+    kinds = "".join(it.kind for it in info.iters)
+    if len(kinds) < 2 or kinds[:-1] != "S" * (len(kinds) - 1) or kinds[-1] != "R":
+        return None
+    row_extents = [it.dom for it in info.iters[:-2]]
+    symbolic = [e for e in row_extents if not isinstance(e, int)]
+    static = 1
+    for e in row_extents:
+        static *= e if isinstance(e, int) else 1
+    loops = [it.loop_rv for it in info.iters]
+    return PackedMatmul(info.block_rv, loops[:-2], loops[-2], loops[-1], int(annotations[ANNOTATION]),
+                        int(annotations[HALF_ANNOTATION]), len(symbolic) > 1 or static > 1,
+                        [e.block_rv for e in epilogues], [e.block_rv for e in stages])
+
+
+def _schedule_decode(sch: s_tir.Schedule, m: PackedMatmul, lanes: int) -> None:
+    """One row per task: the whole T-column tile accumulates in registers over K."""
+    group = m.half or m.tile
+    rows = m.row_loops or [sch.add_unit_loop(m.col_loop)]
+    blocks, within = sch.split(m.col_loop, [None, m.tile])
+    groups, cols = sch.split(within, [None, group])
+    sch.reorder(blocks, *rows, m.red_loop, groups, cols)
+    work = sch.fuse(blocks, *rows)
+    sch.parallel(work)
+    _accumulate_and_store(sch, m, work)
+    sch.unroll(groups)
+    _vector_columns(sch, cols, lanes)
+    _stages_per_block(sch, m, lanes)
+    sch.decompose_reduction(m.block, m.red_loop)
+
+
+def _schedule_rows(sch: s_tir.Schedule, m: PackedMatmul, tiles: MatmulTiles) -> None:
+    """MB rows x a column group per task (as kvc.compiler.tvm.schedules.cpu_matmul's prefill tile)."""
+    group = min(tiles.cols, m.half or m.tile)
+    blocks, within = sch.split(m.col_loop, [None, m.tile])
+    groups, cols = sch.split(within, [None, group])
+    *outer_rows, rows = m.row_loops
+    row_outer, row_inner = sch.split(rows, [None, tiles.rows])
+    sch.reorder(blocks, groups, *outer_rows, row_outer, m.red_loop, row_inner, cols)
+    work = sch.fuse(blocks, groups, *outer_rows, row_outer)
+    sch.parallel(work)
+    _accumulate_and_store(sch, m, work)
+    sch.unroll(row_inner)
+    _vector_columns(sch, cols, tiles.lanes)
+    _stages_per_block(sch, m, tiles.lanes)
+    sch.decompose_reduction(m.block, m.red_loop)
+
+
+def _accumulate_and_store(sch: s_tir.Schedule, m: PackedMatmul, work) -> None:
+    accumulate = sch.cache_write(m.block, 0, "local")  # the register tile
+    sch.reverse_compute_at(accumulate, work)
+    sch.vectorize(sch.get_loops(accumulate)[-1])
+    if m.epilogues:  # one elementwise expression applied as the register tile is stored
+        *inner, last = m.epilogues
+        for block in inner:
+            sch.compute_inline(block)
+        sch.reverse_compute_inline(last)
+
+
+def _vector_columns(sch: s_tir.Schedule, cols, lanes: int) -> None:
+    vectors, lane = sch.split(cols, [None, lanes])
+    sch.unroll(vectors)
+    sch.vectorize(lane)
+
+
+def _stages_per_block(sch: s_tir.Schedule, m: PackedMatmul, lanes: int) -> None:
+    """Each per-block sum computed into registers inside the matmul's loop over blocks (m.red_loop), with
+    the block's K values outermost and the columns innermost as vectors."""
+    block_var = sch.get(m.red_loop).loop_var
+    for stage in reversed(m.stages):  # the stage the matmul reads first, then the ones it reads
+        sch.compute_at(stage, m.red_loop)
+        sch.set_scope(stage, 0, "local")
+        loops = sch.get_loops(stage)
+        depth = next(i for i, loop in enumerate(loops) if sch.get(loop).loop_var.same_as(block_var)) + 1
+        *spatial, inner = loops[depth:]
+        sch.reorder(inner, *spatial)
+        extent = sch.get(spatial[-1]).extent if spatial else None
+        if isinstance(extent, tirx.IntImm) and int(extent) > 1 and int(extent) % lanes == 0:
+            vectors, lane = sch.split(spatial[-1], [None, lanes])
+            sch.unroll(vectors)
+            sch.vectorize(lane)
+        sch.decompose_reduction(stage, inner)
