@@ -10,7 +10,8 @@ quantize them weight-only to int8 / int4 with one scale (and, asymmetric, one ze
   tied        lm_head W == E^T (bit for bit): E is stored once; lm_head = MatMul(X, Transpose(deq(E)))
 
 Engines lower the dequantize + matmul pair to their own kernels (ORT: MatMulNBits / GatherBlockQuantized;
-TVM: its standard DequantizeLinear, codes one per byte, no fused kernel yet). The codec
+TVM: ai.kvc PackedMatMul / PackedGather on column-blocked codes, int4 two per byte, dequantized inside the
+kernel; passes/lower_tvm_weight_codes.py). The codec
 (``quantize_blocks`` / ``dequantize_blocks``) is the reference; ``decode_weights_in_place`` makes the
 same-scheme fp32 graph that `kvc compile` checks a quantized artifact against.
 """
