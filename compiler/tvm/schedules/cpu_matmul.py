@@ -50,8 +50,9 @@ class WeightMatmul:
     epilogues: list  # elementwise blocks after the matmul (activation, residual add), in order
 
 
-class CpuWeightMatmul(ScheduleRule):
-    """Schedules single-block PrimFuncs computing X @ W with a 2-D W; others are left to later rules."""
+class TiledCpuMatmulRule(ScheduleRule):
+    """A llvm rule for one recognised matmul block (+ elementwise epilogues), tiled for decode or prefill:
+    subclasses say what they recognise (``match``) and how they tile it (``schedule``)."""
 
     def __init__(self, decode: MatmulTiles = DECODE_TILES, prefill: MatmulTiles = PREFILL_TILES):
         self.decode, self.prefill = decode, prefill
@@ -63,14 +64,30 @@ class CpuWeightMatmul(ScheduleRule):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
         sch = s_tir.Schedule(func)
-        found = _match(sch)
+        found = self.match(sch)
         if found is None:
             return None
         try:
-            _schedule(sch, found, self.prefill if found.many_rows else self.decode)
+            self.schedule(sch, found)
         except s_tir.ScheduleError:  # an epilogue that cannot be inlined into the tile's store
             return None
         return sch
+
+    def match(self, sch: s_tir.Schedule):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def schedule(self, sch: s_tir.Schedule, found) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class CpuWeightMatmul(TiledCpuMatmulRule):
+    """Schedules single-block PrimFuncs computing X @ W with a 2-D W; others are left to later rules."""
+
+    def match(self, sch: s_tir.Schedule) -> WeightMatmul | None:
+        return _match(sch)
+
+    def schedule(self, sch: s_tir.Schedule, found: WeightMatmul) -> None:
+        _schedule(sch, found, self.prefill if found.many_rows else self.decode)
 
 
 def is_weight_matmul(func: tirx.PrimFunc) -> bool:

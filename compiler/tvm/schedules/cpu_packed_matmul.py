@@ -18,11 +18,9 @@ from dataclasses import dataclass
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight import analysis
-from tvm.s_tir.dlight.base import ScheduleRule
-from tvm.target import Target
 
 from kvc.compiler.tvm.converters.packed_matmul import ANNOTATION, HALF_ANNOTATION, STAGE_ANNOTATION
-from kvc.compiler.tvm.schedules.cpu_matmul import DECODE_TILES, PREFILL_TILES, MatmulTiles
+from kvc.compiler.tvm.schedules.cpu_matmul import MatmulTiles, TiledCpuMatmulRule
 
 
 @dataclass(frozen=True)
@@ -38,30 +36,17 @@ class PackedMatmul:
     stages: list  # quantized: the per-block sums (codes x inputs, and inputs alone) computed first
 
 
-class CpuPackedMatmul(ScheduleRule):
+class CpuPackedMatmul(TiledCpuMatmulRule):
     """Schedules PrimFuncs whose first block is an annotated packed matmul followed by elementwise blocks."""
 
-    def __init__(self, decode: MatmulTiles = DECODE_TILES, prefill: MatmulTiles = PREFILL_TILES):
-        self.decode, self.prefill = decode, prefill
+    def match(self, sch: s_tir.Schedule) -> PackedMatmul | None:
+        return _match(sch)
 
-    def is_target_available(self, target: Target) -> bool:
-        return target.kind.name == "llvm"
-
-    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        sch = s_tir.Schedule(func)
-        found = _match(sch)
-        if found is None:
-            return None
-        try:
-            if found.many_rows:
-                _schedule_rows(sch, found, self.prefill)
-            else:
-                _schedule_decode(sch, found, self.decode.lanes)
-        except s_tir.ScheduleError:  # an epilogue that cannot be inlined into the tile's store
-            return None
-        return sch
+    def schedule(self, sch: s_tir.Schedule, found: PackedMatmul) -> None:
+        if found.many_rows:
+            _schedule_rows(sch, found, self.prefill)
+        else:
+            _schedule_decode(sch, found, self.decode.lanes)
 
 
 def is_packed_matmul(func: tirx.PrimFunc) -> bool:
