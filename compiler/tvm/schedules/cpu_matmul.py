@@ -173,16 +173,22 @@ def _schedule(sch: s_tir.Schedule, m: WeightMatmul, tiles: MatmulTiles) -> None:
     sch.reorder(col_outer, *outer_rows, row_outer, m.red_loop, row_inner, col_inner)
     work = sch.fuse(col_outer, *outer_rows, row_outer)
     sch.parallel(work)
-    accumulate = sch.cache_write(m.block, 0, "local")  # the register tile
-    sch.reverse_compute_at(accumulate, work)
-    sch.vectorize(sch.get_loops(accumulate)[-1])
-    if m.epilogues:  # one elementwise expression applied as the register tile is stored
-        *inner, last = m.epilogues
-        for block in inner:
-            sch.compute_inline(block)
-        sch.reverse_compute_inline(last)
+    store_register_tile(sch, m.block, m.epilogues, work)
     sch.unroll(row_inner)
     vectors, lanes = sch.split(col_inner, [None, tiles.lanes])
     sch.unroll(vectors)
     sch.vectorize(lanes)
     sch.decompose_reduction(m.block, m.red_loop)
+
+
+def store_register_tile(sch: s_tir.Schedule, block, epilogues: list, work) -> None:
+    """Accumulate ``block`` in a register tile stored once per ``work`` item, with the elementwise
+    ``epilogues`` (activation, residual add) applied as one expression on that store."""
+    accumulate = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(accumulate, work)
+    sch.vectorize(sch.get_loops(accumulate)[-1])
+    if epilogues:
+        *inner, last = epilogues
+        for epilogue in inner:
+            sch.compute_inline(epilogue)
+        sch.reverse_compute_inline(last)

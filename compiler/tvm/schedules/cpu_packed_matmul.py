@@ -20,7 +20,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight import analysis
 
 from kvc.compiler.tvm.converters.packed_matmul import ANNOTATION, HALF_ANNOTATION, STAGE_ANNOTATION
-from kvc.compiler.tvm.schedules.cpu_matmul import MatmulTiles, TiledCpuMatmulRule
+from kvc.compiler.tvm.schedules.cpu_matmul import MatmulTiles, TiledCpuMatmulRule, store_register_tile
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def _schedule_decode(sch: s_tir.Schedule, m: PackedMatmul, lanes: int) -> None:
     sch.reorder(blocks, *rows, m.red_loop, groups, cols)
     work = sch.fuse(blocks, *rows)
     sch.parallel(work)
-    _accumulate_and_store(sch, m, work)
+    store_register_tile(sch, m.block, m.epilogues, work)
     sch.unroll(groups)
     _vector_columns(sch, cols, lanes)
     _stages_per_block(sch, m, lanes)
@@ -108,22 +108,11 @@ def _schedule_rows(sch: s_tir.Schedule, m: PackedMatmul, tiles: MatmulTiles) -> 
     sch.reorder(blocks, groups, *outer_rows, row_outer, m.red_loop, row_inner, cols)
     work = sch.fuse(blocks, groups, *outer_rows, row_outer)
     sch.parallel(work)
-    _accumulate_and_store(sch, m, work)
+    store_register_tile(sch, m.block, m.epilogues, work)
     sch.unroll(row_inner)
     _vector_columns(sch, cols, tiles.lanes)
     _stages_per_block(sch, m, tiles.lanes)
     sch.decompose_reduction(m.block, m.red_loop)
-
-
-def _accumulate_and_store(sch: s_tir.Schedule, m: PackedMatmul, work) -> None:
-    accumulate = sch.cache_write(m.block, 0, "local")  # the register tile
-    sch.reverse_compute_at(accumulate, work)
-    sch.vectorize(sch.get_loops(accumulate)[-1])
-    if m.epilogues:  # one elementwise expression applied as the register tile is stored
-        *inner, last = m.epilogues
-        for block in inner:
-            sch.compute_inline(block)
-        sch.reverse_compute_inline(last)
 
 
 def _vector_columns(sch: s_tir.Schedule, cols, lanes: int) -> None:
