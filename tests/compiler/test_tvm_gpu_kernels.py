@@ -22,33 +22,12 @@ CAPACITY, LENGTHS = cases.CAPACITY, cases.LENGTHS
 def _module(kind: str, spec, launch):
     """Relax module `main` calling the GPU kernel(s) of ``kind`` ("decode" | "prefill") for ``spec``."""
     import tvm
-    from tvm import relax
 
     from kvc.compiler.tvm.kernels import gpu_attention
-    from kvc.compiler.tvm.kernels.kv_read import ScaleLayout
 
-    H, K, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    batch = tvm.tirx.Var("batch", "int64")
     seq = 1 if kind == "decode" else tvm.tirx.Var("seq", "int64")
-    q = relax.Var("q", relax.TensorType((batch, H, seq, D), spec.query_dtype))
-    k = relax.Var("k", relax.TensorType((batch, K, CAPACITY, D), spec.cache_dtype))
-    v = relax.Var("v", relax.TensorType((batch, K, CAPACITY, D), spec.cache_dtype))
-    lengths = relax.Var("lengths", relax.TensorType((batch,), "int64"))
-    params, scales, mask = [q, k, v, lengths], (None, None), None
-    if spec.scale_layout is not ScaleLayout.NONE:
-        shape = (batch, K, CAPACITY, 1) if spec.scale_layout is ScaleLayout.PER_TOKEN else (K,)
-        scales = tuple(relax.Var(n, relax.TensorType(shape, "float32")) for n in ("k_scale", "v_scale"))
-        params += list(scales)
-    if spec.has_mask:
-        mask = relax.Var("mask", relax.TensorType((batch, 1, seq, CAPACITY), "float32"))
-        params.append(mask)
     emit = gpu_attention.emit_gpu_decode_attention if kind == "decode" else gpu_attention.emit_gpu_prefill_attention
-    bb = relax.BlockBuilder()
-    with bb.function("main", params):
-        with bb.dataflow():
-            out = bb.emit_output(emit(bb, spec, q, k, v, lengths, *scales, mask, launch=launch))
-        bb.emit_func_output(out)
-    return bb.get()
+    return cases.attention_module(spec, seq, lambda bb, *args: emit(bb, spec, *args, launch=launch))
 
 
 def _decode_specs() -> dict:

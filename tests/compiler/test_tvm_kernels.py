@@ -213,14 +213,25 @@ def test_decode_attention_matches_numpy(name, for_host_cpu, rng):
 
 def _prefill_module(spec):
     import tvm
-    from tvm import relax
 
-    from kvc.compiler.tvm.kernels.kv_read import ScaleLayout
     from kvc.compiler.tvm.kernels.prefill_attention import emit_prefill_attention
     from kvc.compiler.tvm.target import TargetSpec, build
 
+    seq = tvm.tirx.Var("seq", "int64")
+    module = attention_module(spec, seq, lambda bb, *args: emit_prefill_attention(bb, spec, *args))
+    return load_vm(build(module, TargetSpec()))
+
+
+def attention_module(spec, seq, emit):
+    """Relax module `main`(q, k, v, lengths[, k_scale, v_scale][, mask]) returning
+    ``emit(bb, q, k, v, lengths, k_scale, v_scale, mask)`` (absent inputs as None); seq: 1 or a Var."""
+    import tvm
+    from tvm import relax
+
+    from kvc.compiler.tvm.kernels.kv_read import ScaleLayout
+
     H, K, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    batch, seq = tvm.tirx.Var("batch", "int64"), tvm.tirx.Var("seq", "int64")
+    batch = tvm.tirx.Var("batch", "int64")
     q = relax.Var("q", relax.TensorType((batch, H, seq, D), spec.query_dtype))
     k = relax.Var("k", relax.TensorType((batch, K, CAPACITY, D), spec.cache_dtype))
     v = relax.Var("v", relax.TensorType((batch, K, CAPACITY, D), spec.cache_dtype))
@@ -236,9 +247,9 @@ def _prefill_module(spec):
     bb = relax.BlockBuilder()
     with bb.function("main", params):
         with bb.dataflow():
-            out = bb.emit_output(emit_prefill_attention(bb, spec, q, k, v, lengths, *scales, mask))
+            out = bb.emit_output(emit(bb, q, k, v, lengths, *scales, mask))
         bb.emit_func_output(out)
-    return load_vm(build(bb.get(), TargetSpec()))
+    return bb.get()
 
 
 def _prefill_reference(q, k, v, mask, spec) -> np.ndarray:
