@@ -54,6 +54,7 @@ class KvcModel:
         # deadlock, so that is refused (_owner).
         self._lock = threading.Lock()
         self._owner: int | None = None
+        self._reserved_by: str | None = None  # a long-lived driver holding the lock (kvc serve's scheduler)
 
     @contextmanager
     def _exclusive(self):
@@ -62,12 +63,37 @@ class KvcModel:
         if self._owner == me:
             raise GenerationError("this model is already running a generation on this thread (a stream() not "
                                   "yet exhausted or closed); finish or close() it first, or load a second model")
-        with self._lock:
-            self._owner = me
-            try:
-                yield
-            finally:
-                self._owner = None
+        while not self._lock.acquire(timeout=0.05):
+            self._refuse_if_reserved()
+        self._owner = me
+        try:
+            yield
+        finally:
+            self._owner = None
+            self._lock.release()
+
+    def _refuse_if_reserved(self) -> None:
+        holder = self._reserved_by
+        if holder is not None:
+            raise GenerationError(f"this model is driven by {holder}, which owns its cache rows; load a second "
+                                  "model to run generations beside it")
+
+    def reserve(self, holder: str) -> None:
+        """Hand the engine to a long-lived driver (``holder`` names it) until release(): runs started
+        meanwhile are refused naming it, instead of interleaving with its steps or waiting for it forever.
+        Refused while a run holds the model."""
+        self._refuse_if_reserved()
+        if not self._lock.acquire(blocking=False):
+            raise GenerationError(f"this model is running a generation; {holder} needs it to itself: let the "
+                                  "generation finish, or load a second model")
+        self._reserved_by = holder
+
+    def release(self) -> None:
+        """End a reserve(); may be called from another thread than the one that reserved."""
+        if self._reserved_by is None:
+            raise GenerationError("release() without reserve()")
+        self._reserved_by = None
+        self._lock.release()
 
     # --- low level: what `kvc bench` and the tests drive directly ---
     @property

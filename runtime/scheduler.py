@@ -78,7 +78,14 @@ class Scheduler:
 
     # --- any thread ---
     def start(self) -> "Scheduler":
-        self._thread.start()
+        """Take the model for this scheduler's lifetime (its thread drives the engine's rows directly, so
+        the model's own generate() must not run meanwhile), then start the thread."""
+        self.model.reserve("kvc serve's scheduler")
+        try:
+            self._thread.start()
+        except BaseException:
+            self.model.release()
+            raise
         return self
 
     def close(self, timeout_s: float = 10.0) -> None:
@@ -120,17 +127,20 @@ class Scheduler:
 
     # --- the scheduler thread ---
     def _run(self) -> None:
-        while not self._closed:
-            self._take_inbox(block=not self._has_work())
-            self._end_dropped(time.monotonic())
-            self._admit()
-            try:
-                self._step()
-            except Exception as exc:  # the engine failed: end what ran, keep serving the rest
-                log.exception("engine step failed")
-                self._fail_active(f"the engine failed: {exc}")
-            self._publish()
-        self._fail_all("the server is shutting down")
+        try:
+            while not self._closed:
+                self._take_inbox(block=not self._has_work())
+                self._end_dropped(time.monotonic())
+                self._admit()
+                try:
+                    self._step()
+                except Exception as exc:  # the engine failed: end what ran, keep serving the rest
+                    log.exception("engine step failed")
+                    self._fail_active(f"the engine failed: {exc}")
+                self._publish()
+            self._fail_all("the server is shutting down")
+        finally:
+            self.model.release()
 
     def _has_work(self) -> bool:
         return bool(self._waiting or self._prefilling or self.rows.busy())

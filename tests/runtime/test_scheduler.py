@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import kvc
+from kvc.errors import GenerationError
 from kvc.runtime.sampling import SamplingParams
 from kvc.runtime.scheduler import PromptTooLong, QueueFull, Scheduler, SchedulerOptions
 from kvc.runtime.serving_request import EndReason
@@ -190,3 +191,32 @@ def test_rows_longer_than_the_smallest_binding_survive_a_short_prefill(compiled)
         assert short_request.generated == alone.generate([1, 3, 4], params).token_ids
     finally:
         scheduler.close()
+
+
+def test_model_driven_by_a_scheduler_refuses_its_own_runs_until_closed(artifact):
+    model = kvc.load(artifact, max_batch=2)
+    params = SamplingParams(temperature=0.0, max_new_tokens=4)
+    scheduler = Scheduler(model, SchedulerOptions()).start()
+    try:
+        with pytest.raises(GenerationError, match="driven by kvc serve's scheduler"):
+            model.generate([1, 4], params)
+        with pytest.raises(GenerationError, match="driven by kvc serve's scheduler"):
+            model.decode(np.array([1]), np.array([0]))
+        with pytest.raises(GenerationError, match="driven by kvc serve's scheduler"):
+            Scheduler(model, SchedulerOptions()).start()  # a second driver of the same rows
+        request, events = _submit(scheduler, [1, 4], params)
+        _wait(events)
+    finally:
+        scheduler.close()
+    _until(lambda: not scheduler._thread.is_alive())
+    assert model.generate([1, 4], params).token_ids == request.generated  # the model is free again
+
+
+def test_scheduler_does_not_start_on_a_model_that_is_generating(artifact):
+    model = kvc.load(artifact, max_batch=2)
+    stream = model.stream([1, 4], SamplingParams(temperature=0.0, max_new_tokens=8))
+    next(stream)  # the run holds the model
+    with pytest.raises(GenerationError, match="running a generation"):
+        Scheduler(model, SchedulerOptions()).start()
+    stream.close()
+    Scheduler(model, SchedulerOptions()).start().close()
