@@ -92,7 +92,8 @@ def _build(entry_graphs: dict[Entry, ir.Model], staging: Path, options: CompileO
 
 
 def _format_report(r: PassReport) -> str:
-    line = f"pass {r.name}: {r.matched} match{'es' if r.matched != 1 else ''}"
+    on = f" ({r.entry})" if r.entry else ""
+    line = f"pass {r.name}{on}: {r.matched} match{'es' if r.matched != 1 else ''}"
     if r.max_abs_diff is not None:
         line += f", max |diff| vs previous graph {r.max_abs_diff:.2e}"
     return "\n  ".join([line] + r.notes)

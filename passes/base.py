@@ -30,6 +30,7 @@ class PassReport:
     notes: list[str] = field(default_factory=list)  # why a candidate did not match, warnings
     max_abs_diff: float | None = None  # filled by --verify
     modified: bool = False  # changed the graph besides its matches (e.g. an opset upgrade)
+    entry: str | None = None  # the entry point whose graph copy it ran on; None: the graph every entry shares
 
     @property
     def changed_graph(self) -> bool:

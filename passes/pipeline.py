@@ -92,7 +92,10 @@ def lower_entries(model: ir.Model, engine: EngineKind | str, dump_dir: Path | No
             graphs[entry] = model
             continue
         graphs[entry] = _clone(model)
-        reports += run_passes(graphs[entry], passes, dump_dir, first_index=first_index + len(reports))
+        entry_reports = run_passes(graphs[entry], passes, dump_dir, first_index=first_index + len(reports))
+        for report in entry_reports:
+            report.entry = entry.value
+        reports += entry_reports
     return graphs, reports
 
 

@@ -53,6 +53,10 @@ def test_tvm_dump_continues_with_lowering_and_the_relax_phases(exported, tmp_pat
     relax = ["relax_import", "relax_legalize_and_fuse", "relax_schedule", "relax_lower_to_vm"]
     assert [name for _, name in steps] == ["input", *NEUTRAL, *lowering, *decode_graphs, *relax]
     assert [p["name"] for p in result.manifest.passes] == [*NEUTRAL, *lowering, *decode_graphs]
+    # each entry's copy says whose it is; the shared graph's passes say none
+    assert [p["entry"] for p in result.manifest.passes[-5:]] == ["prefill", "decode", "decode", "decode_b1",
+                                                                  "decode_b1"]
+    assert all(p["entry"] is None for p in result.manifest.passes[:-5])
     b1 = next(p for p in result.manifest.passes if p["name"] == "lower_tvm_decode_b1_entry")
     assert b1["matched"] > 0  # input_ids, position_ids, the caches... fixed to one row
     import onnx
