@@ -53,7 +53,7 @@ _SHARE_ALL_CORES = -3
 _pool_threads: int | None = None  # TVM's pool is process-wide: sized once, by the first CPU load
 
 
-def _configure_threads(threads: int) -> None:
+def configure_threads(threads: int) -> None:
     """TVM's pool defaults to half the logical CPUs (it assumes two hyperthreads per core), i.e.
     one thread on a 2-vCPU machine; size it like ONNX Runtime does: one thread per usable core.
     The pool is process-wide, so it is configured once; a later load asking another count is refused
@@ -102,7 +102,7 @@ class TvmEngine:
             _check_cpu_features(eo.llvm_cpu)
         self.device = tvm.cuda(0) if options.device == "cuda" else tvm.cpu(0)
         if options.device == "cpu":
-            _configure_threads(options.threads)
+            configure_threads(options.threads)
         # fixed names, listed and hashed by validate_artifact (eo.lib was checked to equal lib_file(target))
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(root / lib_file(eo.target))), self.device)
         weights = {name: tvm.runtime.tensor(value, self.device)

@@ -83,16 +83,59 @@ def tune(kernels: tvm.IRModule, target: tvm.target.Target, database, trials: int
 
     if trials <= 0 or not kernels.functions:
         return
-    runner = runner_for(target)
+    runner_for(target)  # refuses CUDA without a GPU
+    # one worker, for kvc's own schedules and the search, with the engine's thread count
+    runner = ms.runner.LocalRunner(initializer=_threads_like_the_engine)
     names = sorted(gv.name_hint for gv in kernels.functions)
     progress(f"tvm: tuning {len(names)} decode kernels with MetaSchedule, {trials} trials in all "
              f"(MetaSchedule's per-task table follows)")
     with tempfile.TemporaryDirectory(prefix="kvc-tune-") as work:  # logs and builds stay out of the artifact
+        _measure_own_schedules(kernels, target, database, runner, Path(work) / "own")
         ms.tir_integration.tune_tir(kernels, target, work, max_trials_global=trials,
                                     num_trials_per_iter=min(64, max(trials // len(names), 2)),
                                     builder=_in_process_builder(), runner=runner, cost_model=_cost_model(progress),
                                     database=database, seed=0)
     progress(f"tvm: tuning done: {len(database.get_all_tuning_records())} measured schedules in the database")
+
+
+def _threads_like_the_engine() -> None:
+    """Size the measuring worker's TVM thread pool as the TVM engine sizes its own (one thread per usable
+    core). TVM's default is half the logical CPUs, one thread on a 2-vCPU machine: candidates were then
+    ranked single-threaded, and the search kept serial kernels that ran 1.6-1.85x slower in the engine."""
+    from kvc.runtime.tvm_engine import configure_threads
+
+    configure_threads(0)
+
+
+def own_schedule_rules() -> list:
+    """kvc's own llvm schedule rules for the tuned kernels, as the untuned build applies them."""
+    from kvc.compiler.tvm.schedules import CpuPackedMatmul, CpuWeightMatmul
+
+    return [CpuPackedMatmul(), CpuWeightMatmul()]
+
+
+def _measure_own_schedules(kernels: tvm.IRModule, target: tvm.target.Target, database, runner, work: Path) -> None:
+    """Measure kvc's own schedule of every kernel into ``database`` before the search, with the same builder
+    and runner: the build then takes the faster of it and the search's best, so tuning never makes a kernel
+    slower than the untuned build as measured. CPU only: on CUDA kvc's rules do not apply (dlight schedules)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if target.kind.name != "llvm":
+        return
+    rules = own_schedule_rules()
+
+    def own(sch):
+        for rule in rules:
+            scheduled = rule.apply(sch.mod["main"], target, False)
+            if scheduled is not None:
+                return [scheduled]
+        return []  # not one of kvc's kernels: nothing to measure
+
+    space = ms.space_generator.ScheduleFn(own, sch_rules=[], postprocs=[], mutator_probs={})
+    count = len(kernels.functions)
+    ms.tir_integration.tune_tir(kernels, target, str(work), max_trials_global=count, num_trials_per_iter=1,
+                                space=space, builder=_in_process_builder(), runner=runner, cost_model="random",
+                                database=database, seed=0)
 
 
 def _cost_model(progress) -> str:

@@ -127,6 +127,32 @@ def test_tuned_schedules_replace_the_default_ones(exported, tuned):
     assert not any("tirx.is_scheduled" in (lowered[name].attrs or {}) for name in hot)
 
 
+def test_the_database_holds_kvcs_own_schedule_of_every_tuned_kernel_measured(tuned):
+    """Tuning measures kvc's own schedules first, so the build takes the faster of them and the search's
+    best: every tuned kernel has a measured record that samples nothing and replays to exactly kvc's
+    schedule, besides the search's sampled ones."""
+    import tvm
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    from kvc.compiler.tvm import tuning
+
+    database = ms.database.JSONDatabase(*(str(tuned[0] / "tuning" / n) for n in tuning.DB_FILES))
+    target = tvm.target.Target({"kind": "llvm"})
+    by_workload = {}
+    for record in database.get_all_tuning_records():
+        by_workload.setdefault(tvm_ffi.structural_hash(record.workload.mod), []).append(record)
+    assert len(by_workload) >= 3  # the tiny model's decode_b1 weight matmuls
+    for records in by_workload.values():
+        workload = records[0].workload.mod
+        ours = next(s for s in (r.apply(workload["main"], target, False) for r in tuning.own_schedule_rules()) if s)
+        own = [r for r in records if not any(str(i.kind.name).startswith("Sample") for i in r.trace.insts)]
+        assert len(own) == 1 and own[0].run_secs and len(records) > 1
+        replayed = tvm.s_tir.Schedule(workload)
+        own[0].trace.apply_to_schedule(replayed, remove_postproc=False)
+        assert tvm_ffi.structural_equal(replayed.mod, ours.mod)
+
+
 def test_tuning_requests_that_cannot_work_are_refused_before_anything_is_written(exported, tmp_path):
     from kvc.compiler.options import CompileOptions, EngineKind
     from kvc.compiler.pipeline import compile_model

@@ -165,7 +165,7 @@ def test_tvm_thread_pool_is_configured_once(tvm_model):
     import kvc.runtime.tvm_engine as te
 
     assert te._pool_threads is not None
-    te._configure_threads(0)  # the default count: accepted, no reconfiguration
-    te._configure_threads(te._pool_threads)
+    te.configure_threads(0)  # the default count: accepted, no reconfiguration
+    te.configure_threads(te._pool_threads)
     with pytest.raises(KvcError, match="process-wide"):
-        te._configure_threads(te._pool_threads + 1)
+        te.configure_threads(te._pool_threads + 1)
