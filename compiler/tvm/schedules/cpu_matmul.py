@@ -100,8 +100,7 @@ def _match(sch: s_tir.Schedule) -> WeightMatmul | None:
     if not infos or not all(e.is_injective() for e in infos[1:]):
         return None  # anything but a matmul followed by elementwise epilogues (decode's fused kernels)
     info = infos[0]
-    kinds = "".join(it.kind for it in info.iters)
-    if len(kinds) < 2 or kinds[:-1] != "S" * (len(kinds) - 1) or kinds[-1] != "R":
+    if not spatial_then_one_reduction(info):
         return None
     block = sch.get(info.block_rv)
     if len(block.reads) != 2 or len(block.writes) != 1 or not _is_multiply_add(block):
@@ -118,15 +117,26 @@ def _match(sch: s_tir.Schedule) -> WeightMatmul | None:
         return None
     if not isinstance(info.iters[-2].dom, int):
         return None
-    row_extents = [it.dom for it in info.iters[:-2]]
-    symbolic_rows = [e for e in row_extents if not isinstance(e, int)]
-    static_rows = 1
-    for e in row_extents:
-        static_rows *= e if isinstance(e, int) else 1
-    many_rows = len(symbolic_rows) > 1 or static_rows > 1
     loops = [it.loop_rv for it in info.iters]
-    return WeightMatmul(info.block_rv, loops[:-2], loops[-2], loops[-1], info.iters[-2].dom, many_rows,
+    return WeightMatmul(info.block_rv, loops[:-2], loops[-2], loops[-1], info.iters[-2].dom, has_many_rows(info),
                         [e.block_rv for e in infos[1:]])
+
+
+def spatial_then_one_reduction(info) -> bool:
+    """The block's loops are rows..., n (spatial) then k (one reduction), as a matmul's are."""
+    kinds = "".join(it.kind for it in info.iters)
+    return len(kinds) >= 2 and kinds[:-1] == "S" * (len(kinds) - 1) and kinds[-1] == "R"
+
+
+def has_many_rows(info) -> bool:
+    """Whether the matmul's rows (the dims before n, k) depend on a symbolic dim besides the leading one
+    (prefill's seq) or number more than one statically: the prefill tile; else one row per task (decode)."""
+    row_extents = [it.dom for it in info.iters[:-2]]
+    symbolic = [e for e in row_extents if not isinstance(e, int)]
+    static = 1
+    for e in row_extents:
+        static *= e if isinstance(e, int) else 1
+    return len(symbolic) > 1 or static > 1
 
 
 def _is_multiply_add(block) -> bool:

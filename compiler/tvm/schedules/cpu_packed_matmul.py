@@ -20,7 +20,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight import analysis
 
 from kvc.compiler.tvm.converters.packed_matmul import ANNOTATION, HALF_ANNOTATION, STAGE_ANNOTATION
-from kvc.compiler.tvm.schedules.cpu_matmul import MatmulTiles, TiledCpuMatmulRule, store_register_tile
+from kvc.compiler.tvm.schedules.cpu_matmul import (MatmulTiles, TiledCpuMatmulRule, has_many_rows,
+                                                    spatial_then_one_reduction, store_register_tile)
 
 
 @dataclass(frozen=True)
@@ -67,18 +68,12 @@ def _match(sch: s_tir.Schedule) -> PackedMatmul | None:
         return None
     if not all(e.is_injective() for e in epilogues):
         return None
-    annotations = sch.get(info.block_rv).annotations
-    kinds = "".join(it.kind for it in info.iters)
-    if len(kinds) < 2 or kinds[:-1] != "S" * (len(kinds) - 1) or kinds[-1] != "R":
+    if not spatial_then_one_reduction(info):
         return None
-    row_extents = [it.dom for it in info.iters[:-2]]
-    symbolic = [e for e in row_extents if not isinstance(e, int)]
-    static = 1
-    for e in row_extents:
-        static *= e if isinstance(e, int) else 1
+    annotations = sch.get(info.block_rv).annotations
     loops = [it.loop_rv for it in info.iters]
     return PackedMatmul(info.block_rv, loops[:-2], loops[-2], loops[-1], int(annotations[ANNOTATION]),
-                        int(annotations[HALF_ANNOTATION]), len(symbolic) > 1 or static > 1,
+                        int(annotations[HALF_ANNOTATION]), has_many_rows(info),
                         [e.block_rv for e in epilogues], [e.block_rv for e in stages])
 
 
