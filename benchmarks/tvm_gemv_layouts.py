@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import numpy as np
 import tvm
@@ -20,6 +19,8 @@ from tvm import s_tir, te, tirx
 from kvc.compiler.tvm.schedules import CpuWeightMatmul
 from kvc.compiler.tvm.schedules.cpu_matmul import MatmulTiles
 from kvc.compiler.tvm.target import TargetSpec, host_cpu
+
+from interleaved_timing import interleaved_times  # benchmarks/, the script's folder
 
 
 def _i64(v: int):
@@ -89,21 +90,10 @@ def main() -> None:
         fn()
         got = fn() if name.startswith("numpy") else ty.numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3, err_msg=name)
-    src = np.ones(64 << 20, np.float32)
-    dst = np.empty_like(src)
-    times = {name: [] for name in variants}
-    copies = []
-    for _ in range(args.reps):
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        copies.append(2 * src.nbytes / (time.perf_counter() - start) / 1e9)
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    copy = statistics.median(copies)
+    measured = interleaved_times(variants, args.reps)
+    times, copy = measured.seconds, measured.copy_median
     print(f"K {k} N {n}: weights {w.nbytes / 1e6:.1f} MB; numpy copy bandwidth median {copy:.1f} GB/s "
-          f"(max {max(copies):.1f}); {args.reps} interleaved reps")
+          f"(max {max(measured.copy_gbs):.1f}); {args.reps} interleaved reps")
     base = statistics.median(times["kvc W[k,n] (NB 64)"])
     for name, ts in times.items():
         med = statistics.median(ts)

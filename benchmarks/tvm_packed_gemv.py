@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import numpy as np
 import tvm
@@ -23,6 +22,8 @@ from kvc.compiler.tvm.schedules import CpuPackedMatmul, CpuWeightMatmul
 from kvc.compiler.tvm.target import TargetSpec, host_cpu
 from kvc.passes.lower_tvm_weight_codes import PackedWeight, pack_float, pack_quantized, unpack
 from kvc.passes.weight_quantize import quantize_blocks
+
+from interleaved_timing import interleaved_times  # benchmarks/, the script's folder
 
 
 def _i64(v: int):
@@ -87,20 +88,10 @@ def main() -> None:
         got = got if name.startswith("numpy") else y.numpy()
         np.testing.assert_allclose(got.reshape(-1), (x[0].astype(np.float64) @ weights).reshape(-1), rtol=1e-4,
                                    atol=1e-3, err_msg=name)
-    src = np.ones(64 << 20, np.float32)
-    dst = np.empty_like(src)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    copies = []
-    for _ in range(args.reps):
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        copies.append(2 * src.nbytes / (time.perf_counter() - start) / 1e9)
-        for name, (fn, _, _) in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    copy = statistics.median(copies)
-    print(f"K {k} N {n} block {args.block}: numpy copy bandwidth median {copy:.1f} GB/s (max {max(copies):.1f}); "
+    measured = interleaved_times({name: fn for name, (fn, _, _) in variants.items()}, args.reps)
+    times, copy = measured.seconds, measured.copy_median
+    print(f"K {k} N {n} block {args.block}: numpy copy bandwidth median {copy:.1f} GB/s "
+          f"(max {max(measured.copy_gbs):.1f}); "
           f"{args.reps} interleaved reps, {len(os.sched_getaffinity(0))} CPUs")
     base = statistics.median(times["old fp32 W[K,N]"])
     for name, ts in times.items():
