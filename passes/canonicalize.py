@@ -11,7 +11,10 @@
    SlicesSplit, whose multi-output pattern matching is quadratic in the node count (70 s on a
    24-layer model);
 3. onnx shape inference with data propagation, so Reshape outputs get head counts and sizes;
-4. fold ``Gather(Shape(x), i)`` and ``Slice(Shape(x), a, b)`` where those dimensions of x are known integers
+4. Reshape -1 dims proven by cancelling the input's symbolic dims (kvc.passes.reshape_inferred_dim);
+5. flatten-MatMul-unflatten chains (GPT-2's Conv1D) -> MatMul over the leading dims
+   (kvc.passes.unflatten_matmul);
+6. fold ``Gather(Shape(x), i)`` and ``Slice(Shape(x), a, b)`` where those dimensions of x are known integers
    (the folder only folds whole static shapes; exporters compute head_dim / 2 and SDPA's default scale this
    way), then fold again.
 """
@@ -30,6 +33,7 @@ from onnxscript.version_converter import ConvertVersionPass
 from kvc.contract import USE_CACHE_BRANCH
 from kvc.passes._patterns import attr_int, const_array, const_ints, opset_version
 from kvc.passes.base import KvcPass, PassReport
+from kvc.passes.unflatten_matmul import prove_reshapes
 
 TARGET_OPSET = 23
 MIN_IR_VERSION = 10  # ONNX Runtime needs at least this to load opset-23 models
@@ -168,12 +172,22 @@ class CanonicalizePass(KvcPass):
             RemoveUnusedNodesPass()(model)
             LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
             ShapeInferencePass(data_prop=True)(model)
+        _prove_reshape_dims(model, report)
         if model.ir_version < MIN_IR_VERSION:
             model.ir_version, report.modified = MIN_IR_VERSION, True
         nodes_after = sum(1 for _ in model.graph)
         report.matched = max(nodes_before - nodes_after, 0)
         report.notes.append(f"{nodes_before} nodes -> {nodes_after} nodes")
         return report
+
+
+def _prove_reshape_dims(model: ir.Model, report: PassReport) -> None:
+    dims, chains = prove_reshapes(model)
+    if dims:
+        report.notes.append(f"{dims} Reshape -1 dim(s) proven from the input's dims")
+    if chains:
+        report.notes.append(f"{chains} flatten-MatMul-unflatten chain(s) -> MatMul over the leading dims")
+    report.modified = report.modified or bool(dims or chains)
 
 
 def _take_cache_branch(model: ir.Model, report: PassReport) -> list[ir.Node]:

@@ -18,6 +18,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from kvc.passes.base import KvcPass, PassReport
+from kvc.passes.unflatten_matmul import prove_reshapes
 
 COPY_DIM = 0  # Reshape: 0 copies the input's dim at the same position (allowzero=0)
 
@@ -29,6 +30,7 @@ class FoldReshapeShapesPass(KvcPass):
         graph = model.graph
         _hint_shapes(graph)
         common_passes.ShapeInferencePass()(model)
+        dims, chains = prove_reshapes(model)  # after fusion: the attention's mask broadcasts no longer hide dims
         folded = 0
         for node in list(graph):
             target = _constant_target(node) if node.op_type == "Reshape" and node.domain == "" else None
@@ -38,7 +40,10 @@ class FoldReshapeShapesPass(KvcPass):
                 folded += 1
         if folded:
             common_passes.RemoveUnusedNodesPass()(model)
-        return PassReport(self.name, matched=folded)
+        report = PassReport(self.name, matched=folded + chains)
+        if dims or chains:
+            report.notes.append(f"{dims} Reshape -1 dim(s) proven, {chains} flatten-MatMul-unflatten chain(s) removed")
+        return report
 
 
 def _hint_shapes(graph: ir.Graph) -> None:

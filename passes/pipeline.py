@@ -58,10 +58,11 @@ def lowering_passes(engine: EngineKind | str) -> list[KvcPass]:
         # MatMulNBits last: ONNX shape inference (which the others run) does not know contrib ops
         return [FoldReshapeShapesPass(), LowerOrtPackProjectionsPass(), LowerOrtFp8ScatterPass(),
                 LowerOrtLiveSlotsPass(), LowerOrtMatMulNBitsPass()]
+    from kvc.passes.fold_reshape_shapes import FoldReshapeShapesPass
     from kvc.passes.lower_tvm_cache_attention import LowerTvmCacheAttentionPass
     from kvc.passes.lower_tvm_static_reshapes import LowerTvmStaticReshapesPass
 
-    return [LowerTvmStaticReshapesPass(), LowerTvmCacheAttentionPass()]  # weights: per entry, last
+    return [FoldReshapeShapesPass(), LowerTvmStaticReshapesPass(), LowerTvmCacheAttentionPass()]  # weights: per entry, last
 
 
 def entry_lowering_passes(engine: EngineKind | str) -> dict[Entry, list[KvcPass]]:
