@@ -36,6 +36,7 @@ class LowerTvmDecodeEntryPass(KvcPass):
 
         report = PassReport(self.name)
         batch = DECODE_BATCH[self.entry]
+        fixed: dict[str, int] = {}
         for value in model.graph.inputs:
             if value.shape is None or len(value.shape) == 0:
                 continue
@@ -45,11 +46,35 @@ class LowerTvmDecodeEntryPass(KvcPass):
             if batch is not None:
                 dims[0] = batch
             if dims != list(value.shape):
+                fixed.update(_symbols_fixed(value.shape, dims))
                 value.shape = ir.Shape(dims)
                 report.matched += 1
+        _substitute_symbols(model.graph, fixed)
         masks = drop_redundant_ring_masks(model.graph)  # before folding renames the ring's constants
         onnxscript.optimizer.optimize(model, num_iterations=2)
         rows = "1 row" if batch == 1 else "any rows"
         report.notes.append(f"{report.matched} input shapes fixed to one new token, {rows}; shape arithmetic folded; "
                             f"{masks} ring masks implied by nonpad_kv_seqlen dropped")
         return report
+
+
+def _symbols_fixed(before: ir.Shape, after: list) -> dict[str, int]:
+    """{symbol: size} for the symbolic dims of ``before`` that ``after`` fixes to an integer."""
+    return {str(old.value): new for old, new in zip(before, after)
+            if isinstance(old, ir.SymbolicDim) and old.value is not None and isinstance(new, int)}
+
+
+def _substitute_symbols(graph: ir.Graph, fixed: dict[str, int]) -> None:
+    """The fixed symbols' sizes in every shape the graph records. Exporters (torch's dynamo exporter) name the
+    sequence dim in each intermediate value's shape; left there, the folding below would still see a symbolic
+    sequence length (e.g. in Shape(keys)[2], which the ring mask's Range reads) and keep the arithmetic dynamic."""
+    if not fixed:
+        return
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for value in node.outputs:
+            if value.shape is not None and any(_is_fixed(d, fixed) for d in value.shape):
+                value.shape = ir.Shape([fixed[str(d.value)] if _is_fixed(d, fixed) else d for d in value.shape])
+
+
+def _is_fixed(dim, fixed: dict[str, int]) -> bool:
+    return isinstance(dim, ir.SymbolicDim) and dim.value is not None and str(dim.value) in fixed
