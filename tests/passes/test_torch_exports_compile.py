@@ -2,9 +2,10 @@
 KV as explicit inputs/outputs: tests/passes/_hf_exports.py) -> kvc compile, with no config.json beside
 the graph -> 32 greedy tokens equal transformers' generate on 3 prompts, two of them longer than Mistral's
 8-token window (a window the graph applies by cropping its caches, read from the graph); ORT engine for
-every (architecture, exporter) of llama / qwen2 / mistral / gpt2 and for qwen3, phi3, gemma, olmo2, granite,
-stablelm, smollm3 on TorchScript; gemma2's alternating windows within the narrowest; TVM on the dynamo
-Llama graph; fused-op counts. Plus the refusals these graphs can meet."""
+every (architecture, exporter) of llama / qwen2 / mistral / gpt2 / qwen3 / phi3 / gemma / olmo2 / granite /
+stablelm / smollm3; gemma2's alternating windows within the narrowest; the TVM engine on both exporters' Llama,
+Mistral (its window) and GPT-2 (flattened Conv1D rows) graphs and on TorchScript Phi-3 (fused qkv, partial
+rotary); fused-op counts. Plus the refusals these graphs can meet."""
 from __future__ import annotations
 
 from collections import Counter
@@ -23,8 +24,13 @@ import _hf_exports  # noqa: E402  (tests/passes is on sys.path: conftest imports
 
 CAPACITY = 64
 CASES = [(arch, exporter) for exporter in _hf_exports.EXPORTERS for arch in _hf_exports.ARCHS]
-# More families on the TorchScript exporter only (each case ~10 s); the dynamo qwen3 export was checked by hand.
-FAMILY_CASES = [arch for arch in _hf_exports.MORE_FAMILIES if arch != "gemma2"]
+FAMILY_CASES = [(arch, exporter) for exporter in _hf_exports.EXPORTERS for arch in _hf_exports.MORE_FAMILIES
+                if arch != "gemma2"]
+# TVM on a subset (each case ~20-30 s): every graph form TVM's importer met differently (TorchScript's computed
+# Reshape targets with a -1 head count, GPT-2's flattened rows, the dynamo exporter's named sequence dim that
+# the decode entry fixes, a window) on both exporters, and one family with fused projections.
+TVM_CASES = [("llama", "torchscript"), ("mistral", "torchscript"), ("gpt2", "torchscript"), ("phi3", "torchscript"),
+             ("llama", "dynamo"), ("mistral", "dynamo"), ("gpt2", "dynamo")]
 
 
 def _compile(path: Path, out: Path, engine: str = "ort", **overrides):
@@ -61,9 +67,9 @@ def test_ort_engine_tokens_equal_transformers(hf_export, arch, exporter, tmp_pat
     _assert_tokens_equal_transformers(arch, tmp_path / "out.kvc")
 
 
-@pytest.mark.parametrize("arch", FAMILY_CASES)
-def test_more_families_tokens_equal_transformers(hf_export, arch, tmp_path):
-    export = hf_export(arch, "torchscript")
+@pytest.mark.parametrize("arch, exporter", FAMILY_CASES)
+def test_more_families_tokens_equal_transformers(hf_export, arch, exporter, tmp_path):
+    export = hf_export(arch, exporter)
     _compile(export.path, tmp_path / "out.kvc")
     counts = Counter(n.op_type for n in _graph(tmp_path / "out.kvc").node)
     assert counts["Attention"] == export.num_layers and counts["Softmax"] == 0, counts
@@ -85,12 +91,12 @@ def test_alternating_windows_compile_within_the_narrowest(hf_export, tmp_path):
         assert kvc_greedy(tmp_path / "out.kvc", prompt, 8 - len(prompt)) == hf_greedy(hf, prompt, 8 - len(prompt))
 
 
-def test_tvm_engine_tokens_equal_transformers(hf_export, tmp_path):
-    """Only the dynamo Llama graph builds on TVM so far: TorchScript graphs keep Reshape targets computed
-    from shapes whose head counts shape inference lost, and the dynamo Mistral mask a symbolic Range."""
-    export = hf_export("llama", "dynamo")
-    _compile(export.path, tmp_path / "out.kvc", engine="tvm")
-    _assert_tokens_equal_transformers("llama", tmp_path / "out.kvc")
+@pytest.mark.parametrize("arch, exporter", TVM_CASES)
+def test_tvm_engine_tokens_equal_transformers(hf_export, arch, exporter, tmp_path):
+    export = hf_export(arch, exporter)
+    result = _compile(export.path, tmp_path / "out.kvc", engine="tvm")
+    assert result.manifest.cache.sliding_window == (_hf_exports.MISTRAL_WINDOW if arch == "mistral" else None)
+    _assert_tokens_equal_transformers(arch, tmp_path / "out.kvc")
 
 
 # --- refusals ------------------------------------------------------------------------------------
