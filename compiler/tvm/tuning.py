@@ -84,6 +84,7 @@ def tune(kernels: tvm.IRModule, target: tvm.target.Target, database, trials: int
     if trials <= 0 or not kernels.functions:
         return
     runner_for(target)  # refuses CUDA without a GPU
+    _import_tensor_intrinsics()
     # one worker, for kvc's own schedules and the search, with the engine's thread count
     runner = ms.runner.LocalRunner(initializer=_threads_like_the_engine)
     names = sorted(gv.name_hint for gv in kernels.functions)
@@ -96,6 +97,24 @@ def tune(kernels: tvm.IRModule, target: tvm.target.Target, database, trials: int
                                     builder=_in_process_builder(), runner=runner, cost_model=_cost_model(progress),
                                     database=database, seed=0)
     progress(f"tvm: tuning done: {len(database.get_all_tuning_records())} measured schedules in the database")
+
+
+def _import_tensor_intrinsics() -> None:
+    """Import tvm.s_tir.tensor_intrin, which MetaSchedule's TuneContext imports on first use, with importlib's
+    frozen frames known to ``inspect``. Its ~250 TVMScript functions each call inspect.stack(), which looks up
+    the module of every frame; importlib's frames (``<frozen importlib._bootstrap>``) belong to no file, so each
+    lookup scanned all of sys.modules: 91 s with torch and transformers loaded, 11 s with the frames known
+    (the mapping is the true one: those frames run importlib._bootstrap's code)."""
+    import inspect
+    import os
+    import sys
+
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    for name in ("importlib._bootstrap", "importlib._bootstrap_external"):
+        if name in sys.modules:
+            inspect.modulesbyfile.setdefault(os.path.normcase(os.path.abspath(f"<frozen {name}>")), name)
+    import tvm.s_tir.tensor_intrin  # noqa: F401
 
 
 def _threads_like_the_engine() -> None:
@@ -133,8 +152,11 @@ def _measure_own_schedules(kernels: tvm.IRModule, target: tvm.target.Target, dat
 
     space = ms.space_generator.ScheduleFn(own, sch_rules=[], postprocs=[], mutator_probs={})
     count = len(kernels.functions)
-    ms.tir_integration.tune_tir(kernels, target, str(work), max_trials_global=count, num_trials_per_iter=1,
-                                space=space, builder=_in_process_builder(), runner=runner, cost_model="random",
+    # replay-trace: the space has one fixed schedule per kernel, nothing to search (the evolutionary default
+    # spent ~15 s per kernel failing to mutate a trace that samples nothing)
+    ms.tir_integration.tune_tir(kernels, target, str(work), max_trials_global=count, max_trials_per_task=1,
+                                num_trials_per_iter=1, space=space, strategy="replay-trace",
+                                builder=_in_process_builder(), runner=runner, cost_model="random",
                                 database=database, seed=0)
 
 
