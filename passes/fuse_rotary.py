@@ -517,9 +517,21 @@ def _emit(op, x: ir.Value, plan: _Plan, registry: _CacheRegistry | None) -> ir.V
         start, end, axis = (_int64s(op, v) for v in (0, caches.half_slice, -1))
         cos, sin = op.Slice(cos, start, end, axis), op.Slice(sin, start, end, axis)
     source = op.Transpose(x, perm=_BHSD_FROM_BSHD) if plan.layout == "BSHD" else x
+    if caches.position_ids is None and not _same_batch(cos, x):
+        # cos/sin computed once for all rows ([1, S, D/2], from an in-graph arange): RotaryEmbedding wants
+        # one per row; Expand to x's batch (a no-op where it already is)
+        rows = op.Concat(op.Shape(source, start=0, end=1), _int64s(op, 1, 1), axis=0)
+        cos, sin = op.Expand(cos, rows), op.Expand(sin, rows)
     inputs = [source, cos, sin] + ([caches.position_ids] if caches.position_ids is not None else [])
     out = op.RotaryEmbedding(*inputs, interleaved=int(plan.interleaved))
     return op.Transpose(out, perm=_BHSD_FROM_BSHD) if plan.layout == "BSHD" else out
+
+
+def _same_batch(cos: ir.Value, x: ir.Value) -> bool:
+    if isinstance(cos, np.ndarray) or cos.shape is None or x.shape is None or not len(cos.shape) or not len(x.shape):
+        return False
+    batch = cos.shape[0]
+    return batch == x.shape[0] and (isinstance(batch, int) or not str(batch).startswith("unk__"))
 
 
 def _int64s(op, *values: int) -> ir.Value:

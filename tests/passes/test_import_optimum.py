@@ -1,13 +1,15 @@
 """optimum-onnx exports (tests/data/optimum, made by make_fixtures.py with optimum-onnx 0.1.0 / transformers 4.57.6:
 ``optimum-cli export onnx --task text-generation-with-past`` of tiny seeded llama, qwen2, mistral with an 8- and a
-48-token window, gpt2; llama also in the merged ``use_cache_branch`` form).
+48-token window, gpt2, qwen3, phi3, gemma, granite, olmo2, stablelm, smollm3; llama also in the merged
+``use_cache_branch`` form).
 
 * the fusion passes fold every attention with its past (the mask crop that made a cycle included) and the fused
   graph computes what the exporter's graph computes (ONNX Runtime, prefill + decode, past the 8-token window);
 * the exporter's graph itself gives the reference tokens (transformers' generate in the side venv, reference.json);
 * the ``kvc compile`` command builds the merged form and GPT-2;
-* kvc compile -> 32 greedy tokens equal transformers' on 3 prompts (one past mistral's window), ORT engine on all,
-  TVM on mistral_window8 (the Shape reads of the past are rebuilt by kvc.passes.past_shapes).
+* kvc compile -> 32 greedy tokens equal transformers' on 3 prompts (one past mistral's window), ORT engine on all
+  but Gemma (exported without position_ids: refused in one line), TVM on mistral_window8 (the Shape reads of the
+  past are rebuilt by kvc.passes.past_shapes).
 """
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ import onnx_ir as ir
 import pytest
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "optimum"
-CASES = ["llama", "qwen2", "mistral_window8", "mistral_window48", "gpt2", "llama_merged"]
+CASES = ["llama", "qwen2", "mistral_window8", "mistral_window48", "gpt2", "llama_merged", "qwen3", "phi3", "gemma",
+         "granite", "olmo2", "stablelm", "smollm3"]
 CAPACITY = 64
+NO_POSITION_IDS = ["gemma"]  # optimum exports Gemma without a position_ids input
 
 
 @pytest.fixture(scope="session")
@@ -89,8 +93,8 @@ def test_fusions_fold_every_attention_with_its_past_and_keep_the_graph_equal(nam
     attentions = [n for n in model.graph if n.op_type == "Attention"]
     assert len(attentions) == layers and all(len(n.inputs) == 6 for n in attentions), reports["attention"].notes
     assert counts["Softmax"] == 0 and counts["If"] == 0
-    if config["model_type"] != "gpt2":
-        assert counts["RotaryEmbedding"] == 2 * layers and counts["RMSNormalization"] == 2 * layers + 1
+    rotary_layers, norms = _expected_fusions(config)
+    assert counts["RotaryEmbedding"] == 2 * rotary_layers and counts["RMSNormalization"] == norms, counts
     assert reports["attention"].notes[-1] == f"{layers} of {layers} take past_key/past_value"
     original = onnx.load(str(unpacked[name]))
     rng = np.random.default_rng(7)
@@ -100,6 +104,19 @@ def test_fusions_fold_every_attention_with_its_past_and_keep_the_graph_equal(nam
         assert sorted(want) == sorted(got)
         for output, expected in want.items():
             np.testing.assert_allclose(got[output], expected, rtol=kit.rtol, atol=kit.atol, err_msg=output)
+
+
+def _expected_fusions(config: dict) -> tuple[int, int]:
+    """(layers with RoPE, RMSNorms) of a case: q/k norms add two per layer (qwen3, olmo2); StableLM and GPT-2 use
+    LayerNorm; SmolLM3 skips RoPE on every other layer; GPT-2 has learned positions."""
+    layers, _, _ = _dims(config)
+    kind = config["model_type"]
+    if kind == "gpt2":
+        return 0, 0
+    rotary = layers // config["no_rope_layer_interval"] * (config["no_rope_layer_interval"] - 1) \
+        if kind == "smollm3" else layers
+    norms = 0 if kind == "stablelm" else 4 * layers + 1 if kind in ("qwen3", "olmo2") else 2 * layers + 1
+    return rotary, norms
 
 
 def _graph_greedy(kit, path: Path, config: dict, prompt: list[int], new_tokens: int) -> list[int]:
@@ -166,7 +183,7 @@ def _assert_tokens_equal_reference(name: str, artifact: Path) -> None:
         assert model.generate(prompt, params).token_ids == tokens, prompt
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", [n for n in CASES if n not in NO_POSITION_IDS])
 def test_ort_engine_tokens_equal_transformers(name, unpacked, tmp_path):
     result = _compile(unpacked[name], tmp_path / "out.kvc")
     config, (layers, _, _) = _config(name), _dims(_config(name))
@@ -175,6 +192,17 @@ def test_ort_engine_tokens_equal_transformers(name, unpacked, tmp_path):
     assert counts["Attention"] == layers and counts["TensorScatter"] == 2 * layers
     assert result.manifest.cache.sliding_window == config.get("sliding_window")
     _assert_tokens_equal_reference(name, tmp_path / "out.kvc")
+
+
+@pytest.mark.parametrize("name", NO_POSITION_IDS)
+def test_a_graph_computing_its_own_positions_is_refused_in_one_line(name, unpacked, tmp_path):
+    """optimum's Gemma graph has no position_ids input: it computes positions from attention_mask's length, which
+    the ring graph does not have. Refused naming the Shape read, nothing written."""
+    from kvc.errors import GraphError
+
+    with pytest.raises(GraphError, match=r"attention_mask is used by Shape node '[^']+' besides the attention mask"):
+        _compile(unpacked[name], tmp_path / "out.kvc")
+    assert not (tmp_path / "out.kvc").exists()
 
 
 def test_tvm_engine_tokens_equal_transformers(unpacked, tmp_path):

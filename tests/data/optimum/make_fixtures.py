@@ -5,8 +5,9 @@
     /work/wt/optimum-venv/bin/python tests/data/optimum/make_fixtures.py [CASE ...]
 
 Cases: llama, qwen2, mistral with an 8-token window (shorter than two of the test prompts) and a 48-token window
-(longer than every prompt, crossed while generating), gpt2. For each case: a tiny transformers checkpoint (config from
-CASES, weights from ``seeded_weights``, a numpy generator, so any transformers version rebuilds the same model), then
+(longer than every prompt, crossed while generating), gpt2, qwen3, phi3, gemma, granite, olmo2, stablelm, smollm3.
+For each case: a tiny transformers checkpoint (config from CASES, weights from ``seeded_weights``, a numpy generator,
+so any transformers version rebuilds the same model), then
 ``optimum-cli export onnx --task text-generation-with-past`` (one graph with past inputs, empty past for the prefill:
 the form optimum-onnx 0.1 writes), and ``merged``: the same checkpoint exported as a decoder without past and one
 with past, joined by ``optimum.onnx.merge_decoders`` into the ``use_cache_branch`` If-graph older optimum wrote.
@@ -46,6 +47,15 @@ CASES: dict[str, dict] = {
     "gpt2": dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=VOCAB, n_embd=32, n_layer=2,
                  n_head=2, n_positions=64, n_inner=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                  tie_word_embeddings=True),
+    "qwen3": dict(_LLAMA_LIKE, model_type="qwen3", architectures=["Qwen3ForCausalLM"]),
+    "phi3": dict(_LLAMA_LIKE, model_type="phi3", architectures=["Phi3ForCausalLM"],
+                 original_max_position_embeddings=64),
+    "gemma": dict(_LLAMA_LIKE, model_type="gemma", architectures=["GemmaForCausalLM"]),
+    "granite": dict(_LLAMA_LIKE, model_type="granite", architectures=["GraniteForCausalLM"], embedding_multiplier=2.0,
+                    attention_multiplier=0.2, residual_multiplier=0.5, logits_scaling=4.0),
+    "olmo2": dict(_LLAMA_LIKE, model_type="olmo2", architectures=["Olmo2ForCausalLM"]),
+    "stablelm": dict(_LLAMA_LIKE, model_type="stablelm", architectures=["StableLmForCausalLM"], layer_norm_eps=1e-5),
+    "smollm3": dict(_LLAMA_LIKE, model_type="smollm3", architectures=["SmolLM3ForCausalLM"], no_rope_layer_interval=2),
 }
 MERGED_CASES = ["llama"]
 
