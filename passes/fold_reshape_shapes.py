@@ -18,6 +18,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from kvc.passes.base import KvcPass, PassReport
+from kvc.passes.reshape_inferred_dim import is_known
 from kvc.passes.unflatten_matmul import prove_reshapes
 
 COPY_DIM = 0  # Reshape: 0 copies the input's dim at the same position (allowzero=0)
@@ -72,7 +73,7 @@ def _derived_shape(node: ir.Node) -> ir.Shape | None:
 
 
 def _known_dims(shape: ir.Shape | None) -> int:
-    return -1 if shape is None else sum(_known(d) for d in shape)
+    return -1 if shape is None else sum(is_known(d) for d in shape)
 
 
 def _rank(value: ir.Value | None) -> int | None:
@@ -107,7 +108,7 @@ def _piece_values(piece: ir.Value | None, data: ir.Value, position: int) -> list
     source, index = source_dim
     if position >= len(data.shape) or index >= len(source.shape):
         return None
-    same = _known(data.shape[position]) and data.shape[position] == source.shape[index]
+    same = is_known(data.shape[position]) and data.shape[position] == source.shape[index]
     return [COPY_DIM] if same else None
 
 
@@ -131,7 +132,3 @@ def _shape_dim_reference(piece: ir.Value) -> tuple[ir.Value, int] | None:
     i = int(index.numpy().reshape(-1)[0])
     return source, i + len(source.shape) if i < 0 else i
 
-
-def _known(dim) -> bool:
-    return isinstance(dim, int) or (isinstance(dim, ir.SymbolicDim) and dim.value is not None
-                                    and not str(dim.value).startswith("unk__"))

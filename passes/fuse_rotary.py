@@ -507,6 +507,7 @@ def _strip_prefix_slice(value: ir.Value) -> tuple[ir.Value, int | None]:
 def _emit(op, x: ir.Value, plan: _Plan, registry: _CacheRegistry | None) -> ir.Value:
     caches = plan.caches
     cos, sin = caches.cos, caches.sin
+    one_for_all_rows = caches.position_ids is None and not _same_batch(cos, x)
     if isinstance(cos, np.ndarray):
         cos = registry.value(op, caches.table_key, "cos", cos)
         sin = registry.value(op, caches.table_key, "sin", sin)
@@ -517,7 +518,7 @@ def _emit(op, x: ir.Value, plan: _Plan, registry: _CacheRegistry | None) -> ir.V
         start, end, axis = (_int64s(op, v) for v in (0, caches.half_slice, -1))
         cos, sin = op.Slice(cos, start, end, axis), op.Slice(sin, start, end, axis)
     source = op.Transpose(x, perm=_BHSD_FROM_BSHD) if plan.layout == "BSHD" else x
-    if caches.position_ids is None and not _same_batch(cos, x):
+    if one_for_all_rows:
         # cos/sin computed once for all rows ([1, S, D/2], from an in-graph arange): RotaryEmbedding wants
         # one per row; Expand to x's batch (a no-op where it already is)
         rows = op.Concat(op.Shape(source, start=0, end=1), _int64s(op, 1, 1), axis=0)

@@ -161,7 +161,7 @@ def _measure_own_schedules(kernels: tvm.IRModule, target: tvm.target.Target, dat
 
 
 def _cost_model(progress) -> str:
-    """MetaSchedule's XGBoost cost model when xgboost is installed (`pip install kvc[tune]`),
+    """MetaSchedule's XGBoost cost model when xgboost is installed (`pip install xgboost`; no kvc extra installs it),
     else random ranking of candidates (the search still measures every candidate it keeps)."""
     import importlib.util
 
