@@ -1,5 +1,6 @@
 """onnxruntime-genai model-builder graphs (tests/data/ortgenai, made by make_fixtures.py with
-onnxruntime-genai 0.18: llama / qwen2 / qwen3 / mistral-with-window fp32, llama fp16, llama int4)
+onnxruntime-genai 0.18: llama / qwen2 / qwen3 / mistral-with-window / phi3 / gemma / granite fp32, llama fp16,
+llama int4)
 -> kvc compile -> 32 greedy tokens equal transformers' generate on 3 prompts, one longer than Mistral's
 8-token window (int4: equal to ONNX Runtime's greedy loop on the builder graph); ORT and TVM engines;
 fused-op counts; the import alone against ONNX Runtime's contrib ops; refusals in one line."""
@@ -21,7 +22,8 @@ pytest.importorskip("transformers")
 from greedy_tokens import NEW_TOKENS, PROMPTS, hf_greedy, kvc_greedy  # noqa: E402  (tests/passes is on sys.path)
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "ortgenai"
-CASES = ["llama_fp32", "qwen2_fp32", "qwen3_fp32", "mistral_window_fp32", "llama_fp16"]
+CASES = ["llama_fp32", "qwen2_fp32", "qwen3_fp32", "mistral_window_fp32", "phi3_fp32", "gemma_fp32", "granite_fp32",
+         "llama_fp16"]
 CAPACITY = 64
 
 

@@ -2,8 +2,10 @@
 
     /work/peers/venv/bin/python tests/data/ortgenai/make_fixtures.py
 
-Cases: llama, qwen2, qwen3, mistral (8-token window) fp32; llama fp16 (the builder's MultiHeadAttention
-form, as fp16 is not a CPU combination it supports); llama int4 (MatMulNBits). For each case: a tiny
+Cases: llama, qwen2, qwen3, mistral (8-token window), phi3 (fused qkv / gate_up), gemma, granite (its four
+multipliers) fp32; llama fp16 (the builder's MultiHeadAttention form, as fp16 is not a CPU combination it
+supports); llama int4 (MatMulNBits). Not built: SmolLM3 (the builder stops with KeyError 'position_ids') and
+Phi-3 with partial rotary (the builder's graph fails in ONNX Runtime itself: cos_cache dimension). For each case: a tiny
 transformers checkpoint (config from CASES, weights from ``seeded_weights``,
 a numpy generator, so the suite's transformers regenerates the same model without torch's init),
 a word-level tokenizer, then ``python -m onnxruntime_genai.models.builder -p <precision> -e cpu``.
@@ -40,6 +42,13 @@ CASES: dict[str, tuple[dict, str]] = {
     "llama_int4": (dict(_COMMON, model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=10000.0), "int4"),
     "mistral_window_fp32": (dict(_COMMON, model_type="mistral", architectures=["MistralForCausalLM"],
                                  rope_theta=10000.0, sliding_window=8), "fp32"),
+    "phi3_fp32": (dict(_COMMON, model_type="phi3", architectures=["Phi3ForCausalLM"], rope_theta=10000.0,
+                       original_max_position_embeddings=64), "fp32"),
+    "gemma_fp32": (dict(_COMMON, model_type="gemma", architectures=["GemmaForCausalLM"], rope_theta=10000.0,
+                        hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh"), "fp32"),
+    "granite_fp32": (dict(_COMMON, model_type="granite", architectures=["GraniteForCausalLM"], rope_theta=10000.0,
+                          embedding_multiplier=2.0, attention_multiplier=0.2, residual_multiplier=0.5,
+                          logits_scaling=4.0), "fp32"),
 }
 
 
