@@ -1,6 +1,7 @@
 """Reshape proofs (kvc.passes.reshape_inferred_dim, kvc.passes.unflatten_matmul): a -1 dim resolved by
-cancelling symbols, and flatten-MatMul-unflatten chains made MatMuls. Each rewrite is checked against ONNX
-Runtime on the unchanged graph, on random inputs of two batch/sequence sizes; refusals leave the graph as it was."""
+cancelling symbols, flatten-MatMul-unflatten chains made MatMuls; and canonicalize's one-element MatMul made a Mul.
+Each rewrite is checked against ONNX Runtime on the unchanged graph, on random inputs of two batch/sequence sizes;
+refusals leave the graph as it was."""
 from __future__ import annotations
 
 from collections import Counter
@@ -116,3 +117,23 @@ def test_an_unflatten_to_other_dims_is_left_alone():
     before = Counter(n.op_type for n in model.graph)
     assert prove_reshapes(model) == (0, 0)
     assert Counter(n.op_type for n in model.graph) == before
+
+
+def test_a_matmul_over_one_element_becomes_a_mul():
+    """HF's rotary inv_freq [B, 8, 1] x positions [B, 1, S]: TVM's CPU GEMV schedule asserts on its one-element
+    reduction, so canonicalize makes it the broadcast Mul it is (bit-equal: one product, no sum)."""
+    from kvc.passes.canonicalize import CanonicalizePass
+
+    freq, positions = ir.val("freq", FLOAT, [B, 8, 1]), ir.val("positions", FLOAT, [B, 1, S])
+    graph = ir.Graph([freq, positions], [], nodes=[], opset_imports={"": 23}, name="outer")
+    y = ir.tape.Tape(graph).op("MatMul", [freq, positions])
+    y.name = "y"
+    graph.outputs.append(y)
+    model = ir.Model(graph, ir_version=10)
+    rng = np.random.default_rng(3)
+    feeds = {"freq": rng.standard_normal((2, 8, 1)).astype(np.float32),
+             "positions": rng.standard_normal((2, 1, 5)).astype(np.float32)}
+    want = _session(model).run(None, feeds)[0]
+    CanonicalizePass()(model)
+    assert [n.op_type for n in model.graph] == ["Mul"]
+    np.testing.assert_array_equal(_session(model).run(None, feeds)[0], want)
