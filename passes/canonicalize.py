@@ -13,7 +13,7 @@
 3. onnx shape inference with data propagation, so Reshape outputs get head counts and sizes;
 4. fold ``Gather(Shape(x), i)`` and ``Slice(Shape(x), a, b)`` where those dimensions of x are known integers
    (the folder only folds whole static shapes; exporters compute head_dim / 2 and SDPA's default scale this
-   way), and MatMuls whose reduction is one element -> Mul (OuterProductMatMul); then fold again;
+   way), then fold again;
 5. Reshape -1 dims proven by cancelling the input's symbolic dims (kvc.passes.reshape_inferred_dim), and
    flatten-MatMul-unflatten chains (GPT-2's Conv1D) -> MatMul over the leading dims (kvc.passes.unflatten_matmul).
 """
@@ -123,30 +123,9 @@ class SplitOffNothing(pattern.RewriteRuleClassBase):
         return op.Identity(x)  # the Split stays while its empty part has users
 
 
-class OuterProductMatMul(pattern.RewriteRuleClassBase):
-    """MatMul(a [..., M, 1], b [..., 1, N]) -> Mul(a, b): a sum of one product is the product, and broadcasting
-    gives the same [..., M, N]. HF's rotary embedding computes inv_freq x positions this way; TVM's CPU GEMV
-    schedule (dlight) asserts on a matmul whose reduction has extent 1, which decode's one token makes of it."""
-
-    def pattern(self, op, a, b):
-        return op.MatMul(a, b)
-
-    def check(self, context, a, b, **_) -> pattern.MatchResult:
-        result = pattern.MatchResult()
-        if a.shape is None or b.shape is None or len(a.shape) < 2 or len(b.shape) < 2:
-            return result.fail("not two matrices of known rank")
-        if a.shape[-1] != 1 or b.shape[-2] != 1:
-            return result.fail("the reduction is not a single element")
-        return result
-
-    def rewrite(self, op, a, b, **_):
-        return op.Mul(a, b)
-
-
 def _static_shape_rules() -> pattern.RewriteRuleSet:
     """Built per run: StaticShapeGather keeps its match's dims between check and rewrite."""
-    return pattern.RewriteRuleSet([StaticShapeGather.rule(), StaticShapeSlice.rule(), SplitOffNothing.rule(),
-                                   OuterProductMatMul.rule()])
+    return pattern.RewriteRuleSet([StaticShapeGather.rule(), StaticShapeSlice.rule(), SplitOffNothing.rule()])
 
 
 _CLEANUP_RULES = pattern.RewriteRuleSet([

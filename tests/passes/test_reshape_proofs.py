@@ -1,5 +1,5 @@
 """Reshape proofs (kvc.passes.reshape_inferred_dim, kvc.passes.unflatten_matmul): a -1 dim resolved by
-cancelling symbols, flatten-MatMul-unflatten chains made MatMuls; and canonicalize's one-element MatMul made a Mul.
+cancelling symbols, flatten-MatMul-unflatten chains made MatMuls; and the TVM lowering's one-element MatMul made a Mul.
 Each rewrite is checked against ONNX Runtime on the unchanged graph, on random inputs of two batch/sequence sizes;
 refusals leave the graph as it was."""
 from __future__ import annotations
@@ -119,10 +119,10 @@ def test_an_unflatten_to_other_dims_is_left_alone():
     assert Counter(n.op_type for n in model.graph) == before
 
 
-def test_a_matmul_over_one_element_becomes_a_mul():
+def test_a_matmul_over_one_element_becomes_a_mul_for_tvm():
     """HF's rotary inv_freq [B, 8, 1] x positions [B, 1, S]: TVM's CPU GEMV schedule asserts on its one-element
-    reduction, so canonicalize makes it the broadcast Mul it is (bit-equal: one product, no sum)."""
-    from kvc.passes.canonicalize import CanonicalizePass
+    reduction, so the TVM lowering makes it the broadcast Mul it is (bit-equal: one product, no sum)."""
+    from kvc.passes.lower_tvm_outer_products import LowerTvmOuterProductsPass
 
     freq, positions = ir.val("freq", FLOAT, [B, 8, 1]), ir.val("positions", FLOAT, [B, 1, S])
     graph = ir.Graph([freq, positions], [], nodes=[], opset_imports={"": 23}, name="outer")
@@ -134,6 +134,6 @@ def test_a_matmul_over_one_element_becomes_a_mul():
     feeds = {"freq": rng.standard_normal((2, 8, 1)).astype(np.float32),
              "positions": rng.standard_normal((2, 1, 5)).astype(np.float32)}
     want = _session(model).run(None, feeds)[0]
-    CanonicalizePass()(model)
+    LowerTvmOuterProductsPass()(model)
     assert [n.op_type for n in model.graph] == ["Mul"]
     np.testing.assert_array_equal(_session(model).run(None, feeds)[0], want)
