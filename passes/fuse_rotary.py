@@ -435,13 +435,18 @@ def _table_rows(cos3: ir.Value) -> int | None:
 def _materialise(cos3: ir.Value, sin3: ir.Value, squeeze: int | None, positions: ir.Value, rows: int,
                  interleaved: bool, opsets: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
     """Evaluate cos/sin for positions 0..rows-1; check they are per-position lookups; halve."""
+    dims = SampleDims()
+    batch = _probe_batch(positions, dims)
+
     def evaluate(ids: np.ndarray) -> list[np.ndarray]:
-        tables = run_slice([cos3, sin3], {positions: ids}, opsets)
+        tables = run_slice([cos3, sin3], {positions: ids}, opsets, dims)
         return [t if squeeze is None else np.squeeze(t, axis=squeeze) for t in tables]
 
-    all_positions = np.arange(rows, dtype=positions.dtype.numpy())[None, :]
+    all_positions = np.tile(np.arange(rows, dtype=positions.dtype.numpy())[None, :], (batch, 1))
     cos, sin = (t[0] for t in evaluate(all_positions))
-    picks = np.random.default_rng(0).integers(0, rows, size=(2, 5)).astype(all_positions.dtype)
+    picks = np.random.default_rng(0).integers(0, rows, size=(max(batch, 2), 5)).astype(all_positions.dtype)
+    if batch == 1:
+        picks = picks[:1]
     cos_p, sin_p = evaluate(picks)
     if not (np.array_equal(cos_p, cos[picks]) and np.array_equal(sin_p, sin[picks])):
         raise ProbeError("cos/sin are not a per-position lookup of position ids")
@@ -450,6 +455,19 @@ def _materialise(cos3: ir.Value, sin3: ir.Value, squeeze: int | None, positions:
     if not (np.allclose(cos[:, first], cos[:, second]) and np.allclose(sin[:, first], sin[:, second])):
         raise ProbeError("cos/sin do not repeat each frequency the way the rotation pairs elements")
     return np.ascontiguousarray(cos[:, first]), np.ascontiguousarray(sin[:, first])
+
+
+def _probe_batch(positions: ir.Value, dims: SampleDims) -> int:
+    """Rows of the probe's position ids: the size the probe gives the batch symbol of position_ids, so that a
+    cos/sin slice reading the batch from another input's shape (transformers 4.57's inv_freq.expand(batch, ...))
+    agrees with the fed rows; 2 when the batch is not a named symbol."""
+    dim = positions.shape[0] if positions.shape is not None and len(positions.shape) == 2 else None
+    if isinstance(dim, int):
+        return dim
+    try:
+        return dims.size(dim) if dim is not None else 2
+    except ProbeError:
+        return 2
 
 
 def _duplicated_frequencies(value: ir.Value) -> bool:

@@ -44,7 +44,13 @@ def _compile_and_generate(name: str, tmp_path: Path, engine: str) -> None:
 
 @pytest.mark.parametrize("name", CASES)
 def test_ort_engine_tokens_equal_that_transformers(name, tmp_path):
+    import onnx
+
     _compile_and_generate(name, tmp_path, "ort")
+    graph = onnx.load(str(tmp_path / "out.kvc" / "graph.onnx"), load_external_data=False).graph
+    rotary = [n for n in graph.node if n.op_type == "RotaryEmbedding"]
+    # cos/sin read from tables by position_ids (4.57 builds them from inv_freq.expand(batch, ...) x positions)
+    assert len(rotary) == 4 and all(len(n.input) == 4 and n.input[3] == "position_ids" for n in rotary)
 
 
 def test_tvm_engine_tokens_equal_that_transformers(tmp_path):
