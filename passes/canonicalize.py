@@ -171,22 +171,15 @@ class CanonicalizePass(KvcPass):
             RemoveUnusedNodesPass()(model)
             LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
             ShapeInferencePass(data_prop=True)(model)
-        _prove_reshape_dims(model, report)
+        proofs = prove_reshapes(model)
+        report.notes += proofs.notes
+        report.modified = report.modified or bool(proofs.notes)
         if model.ir_version < MIN_IR_VERSION:
             model.ir_version, report.modified = MIN_IR_VERSION, True
         nodes_after = sum(1 for _ in model.graph)
         report.matched = max(nodes_before - nodes_after, 0)
         report.notes.append(f"{nodes_before} nodes -> {nodes_after} nodes")
         return report
-
-
-def _prove_reshape_dims(model: ir.Model, report: PassReport) -> None:
-    dims, chains = prove_reshapes(model)
-    if dims:
-        report.notes.append(f"{dims} Reshape -1 dim(s) proven from the input's dims")
-    if chains:
-        report.notes.append(f"{chains} flatten-MatMul-unflatten chain(s) -> MatMul over the leading dims")
-    report.modified = report.modified or bool(dims or chains)
 
 
 def _take_cache_branch(model: ir.Model, report: PassReport) -> list[ir.Node]:

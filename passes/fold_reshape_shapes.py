@@ -31,7 +31,7 @@ class FoldReshapeShapesPass(KvcPass):
         graph = model.graph
         _hint_shapes(graph)
         common_passes.ShapeInferencePass()(model)
-        dims, chains = prove_reshapes(model)  # after fusion: the attention's mask broadcasts no longer hide dims
+        proofs = prove_reshapes(model)  # after fusion: the attention's mask broadcasts no longer hide dims
         folded = 0
         for node in list(graph):
             target = _constant_target(node) if node.op_type == "Reshape" and node.domain == "" else None
@@ -41,10 +41,7 @@ class FoldReshapeShapesPass(KvcPass):
                 folded += 1
         if folded:
             common_passes.RemoveUnusedNodesPass()(model)
-        report = PassReport(self.name, matched=folded + chains)
-        if dims or chains:
-            report.notes.append(f"{dims} Reshape -1 dim(s) proven, {chains} flatten-MatMul-unflatten chain(s) removed")
-        return report
+        return PassReport(self.name, matched=folded + proofs.chains, notes=proofs.notes)
 
 
 def _hint_shapes(graph: ir.Graph) -> None:

@@ -37,6 +37,7 @@ from kvc.passes._patterns import (FLOAT_TYPES, ProbeError, SampleDims, attr_int,
                                   downstream_nodes, explain_no_match, rank, run_slice,
                                   sample_like, static_dim, summarize)
 from kvc.passes.base import KvcPass, PassReport
+from kvc.passes.reshape_inferred_dim import is_known
 
 MIN_OPSET = 23
 _BHSD_FROM_BSHD = [0, 2, 1, 3]
@@ -444,9 +445,7 @@ def _materialise(cos3: ir.Value, sin3: ir.Value, squeeze: int | None, positions:
 
     all_positions = np.tile(np.arange(rows, dtype=positions.dtype.numpy())[None, :], (batch, 1))
     cos, sin = (t[0] for t in evaluate(all_positions))
-    picks = np.random.default_rng(0).integers(0, rows, size=(max(batch, 2), 5)).astype(all_positions.dtype)
-    if batch == 1:
-        picks = picks[:1]
+    picks = np.random.default_rng(0).integers(0, rows, size=(batch, 5)).astype(all_positions.dtype)
     cos_p, sin_p = evaluate(picks)
     if not (np.array_equal(cos_p, cos[picks]) and np.array_equal(sin_p, sin[picks])):
         raise ProbeError("cos/sin are not a per-position lookup of position ids")
@@ -549,8 +548,7 @@ def _emit(op, x: ir.Value, plan: _Plan, registry: _CacheRegistry | None) -> ir.V
 def _same_batch(cos: ir.Value, x: ir.Value) -> bool:
     if isinstance(cos, np.ndarray) or cos.shape is None or x.shape is None or not len(cos.shape) or not len(x.shape):
         return False
-    batch = cos.shape[0]
-    return batch == x.shape[0] and (isinstance(batch, int) or not str(batch).startswith("unk__"))
+    return is_known(cos.shape[0]) and cos.shape[0] == x.shape[0]
 
 
 def _int64s(op, *values: int) -> ir.Value:

@@ -11,6 +11,8 @@ followed by N; the bias, if any, is 1-D or a scalar.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
@@ -90,11 +92,24 @@ def unflatten_matmul_rules() -> pattern.RewriteRuleSet:
     return pattern.RewriteRuleSet([UnflattenGemm.rule(), UnflattenMatMulBias.rule(), UnflattenMatMul.rule()])
 
 
-def prove_reshapes(model: ir.Model) -> tuple[int, int]:
+@dataclass(frozen=True)
+class ReshapeProofs:
+    dims: int  # Reshape -1 dims proven
+    chains: int  # flatten-MatMul-unflatten chains removed
+
+    @property
+    def notes(self) -> list[str]:
+        if not (self.dims or self.chains):
+            return []
+        return [f"{self.dims} Reshape -1 dim(s) proven from the input's dims, {self.chains} flatten-MatMul-unflatten "
+                f"chain(s) -> MatMul over the leading dims"]
+
+
+def prove_reshapes(model: ir.Model) -> ReshapeProofs:
     """Reshape -1 dims proven by cancelling symbols (kvc.passes.reshape_inferred_dim) and flatten-MatMul-
     unflatten chains made MatMuls, each round followed by shape inference so what was proven reaches the
     shapes downstream, where it may prove the next; repeated while anything changes (bounded: each round fixes
-    a dim or removes a chain for good). Returns (dims proven, chains removed)."""
+    a dim or removes a chain for good)."""
     dims = chains = 0
     for _ in range(16):
         resolved = resolve_reshape_dims(model)
@@ -106,4 +121,4 @@ def prove_reshapes(model: ir.Model) -> tuple[int, int]:
             RemoveUnusedNodesPass()(model)
             forget_unknown_shapes(model.graph)
         ShapeInferencePass(data_prop=True)(model)
-    return dims, chains
+    return ReshapeProofs(dims, chains)

@@ -13,7 +13,7 @@ import pytest
 from onnx_ir.passes.common import ShapeInferencePass
 
 from kvc.passes.reshape_inferred_dim import cancelled_size, resolve_reshape_dims
-from kvc.passes.unflatten_matmul import prove_reshapes
+from kvc.passes.unflatten_matmul import ReshapeProofs, prove_reshapes
 
 B, S = ir.SymbolicDim("batch"), ir.SymbolicDim("seq")
 FLOAT, INT64 = ir.DataType.FLOAT, ir.DataType.INT64
@@ -104,7 +104,7 @@ def test_flatten_matmul_unflatten_becomes_one_matmul(gemm, bias):
     model = _conv1d_model(gemm, bias)
     want = _outputs(model, np.random.default_rng(1))
     ShapeInferencePass()(model)
-    assert prove_reshapes(model) == (0, 1)
+    assert prove_reshapes(model) == ReshapeProofs(dims=0, chains=1)
     counts = Counter(n.op_type for n in model.graph)
     assert counts["Reshape"] == 0 and counts["Gemm"] == 0 and counts["MatMul"] == 1, counts
     for got, expected in zip(_outputs(model, np.random.default_rng(1)), want):
@@ -115,7 +115,7 @@ def test_an_unflatten_to_other_dims_is_left_alone():
     model = _conv1d_model(gemm=True, restore="swapped")
     ShapeInferencePass()(model)
     before = Counter(n.op_type for n in model.graph)
-    assert prove_reshapes(model) == (0, 0)
+    assert prove_reshapes(model) == ReshapeProofs(dims=0, chains=0)
     assert Counter(n.op_type for n in model.graph) == before
 
 
