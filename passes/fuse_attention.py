@@ -59,7 +59,7 @@ class AttentionCoreFusion(pattern.RewriteRuleClassBase):
         super().__init__("AttentionCore", remove_nodes=False)
         self._rewires: list[tuple[ir.Value, ir.Value]] = []
 
-    def pattern(self, op, query_BHSD, key_t_BHDT, value_BHTDv, mask, q_scale, k_scale, qk_scale,
+    def pattern(self, op, query_BHSD, key_t_BHDT, value_BHTDv, mask, select, fill, q_scale, k_scale, qk_scale,
                 cap_in, cap_out, max_axes, neg_inf, zero, softmax_dtype, probs_dtype):
         q = pattern.OrValue([op.Mul(query_BHSD, q_scale), op.Div(query_BHSD, q_scale), query_BHSD],
                             tag_var="q_scaling", tag_values=["Mul", "Div", None])
@@ -71,8 +71,12 @@ class AttentionCoreFusion(pattern.RewriteRuleClassBase):
                                  tag_var="qk_scaling", tag_values=["Mul", "Div", None])
         capped = pattern.OrValue([op.Mul(op.Tanh(op.Div(scaled, cap_in)), cap_out, _outputs=["capped_BHST"]), scaled],
                                  tag_var="has_softcap", tag_values=[True, False])
-        masked = pattern.OrValue([op.Add(capped, mask, _outputs=["masked_BHST"]),
-                                  op.Add(mask, capped, _outputs=["masked_BHST"]), capped],
+        # A boolean mask selects the scores or a large negative fill (GPT-2's causal bias, masked_fill).
+        kept = pattern.OrValue([op.Where(select, capped, fill, _outputs=["kept_BHST"]),
+                                op.Where(select, fill, capped, _outputs=["kept_BHST"]), capped],
+                               tag_var="select_keeps", tag_values=[True, False, None])
+        masked = pattern.OrValue([op.Add(kept, mask, _outputs=["masked_BHST"]),
+                                  op.Add(mask, kept, _outputs=["masked_BHST"]), kept],
                                  tag_var="has_mask", tag_values=[True, True, False])
         logits = pattern.OrValue([op.Cast(masked, to=softmax_dtype), masked],
                                  tag_var="softmax_cast", tag_values=[True, False])
@@ -103,7 +107,8 @@ class AttentionCoreFusion(pattern.RewriteRuleClassBase):
         softcap = _softcap(b)
         if b.get("has_softcap") and softcap is None:
             return result.fail("softcap divisor and multiplier are not the same positive constant")
-        reason = _mask_problem(b.get("has_mask"), mask, query_BHSD) or _guard_problem(b, mask)
+        reason = (_mask_problem(b.get("has_mask"), mask, query_BHSD) or _guard_problem(b, mask)
+                  or _select_problem(b, query_BHSD))
         if reason:
             return result.fail(reason)
         try:
@@ -128,8 +133,13 @@ class AttentionCoreFusion(pattern.RewriteRuleClassBase):
                            exposed, mode)
         return result
 
-    def rewrite(self, op, query_BHSD, mask, has_mask=None, **_):
+    def rewrite(self, op, query_BHSD, mask, has_mask=None, select=None, fill=None, select_keeps=None, **_):
         plan = self._plan
+        if select_keeps is not None:  # the selection becomes an additive mask: 0 where kept, the fill elsewhere
+            zero = op.CastLike(op.Constant(value_float=0.0), fill)
+            selected = op.Where(select, zero, fill) if select_keeps else op.Where(select, fill, zero)
+            mask = op.Add(selected, mask) if has_mask else selected
+            has_mask = True
         attrs = {"scale": plan.scale}
         if plan.softcap is not None:
             attrs["softcap"] = plan.softcap
@@ -345,6 +355,25 @@ def _mask_problem(has_mask, mask: ir.Value | None, query: ir.Value) -> str | Non
     heads = static_dim(query, 1)
     if mask.shape.rank() >= 3 and isinstance(mask.shape[-3], int) and mask.shape[-3] not in (1, heads):
         return "mask shape not broadcastable to [batch, heads, seq, total_seq]"
+    return None
+
+
+# Scores replaced by this fill (or lower) get exp(fill - row max) == 0 in float32 softmax whether or not the score
+# is added to it, so Where(select, scores, fill) equals scores + Where(select, 0, fill) after Softmax.
+_MAX_SELECT_FILL = -1e4
+
+
+def _select_problem(b: dict, query: ir.Value) -> str | None:
+    if b.get("select_keeps") is None:
+        return None
+    select, fill = b["select"], b["fill"]
+    if select.dtype not in (ir.DataType.BOOL, None):
+        return "the score selection's condition is not boolean"
+    if rank(select) is None or rank(select) > 4:
+        return "the score selection's condition is not broadcastable to [batch, heads, seq, total_seq]"
+    value = const_scalar(fill)
+    if value is None or value > _MAX_SELECT_FILL or (fill.dtype is not None and fill.dtype != query.dtype):
+        return f"the score selection's fill is not a constant of the query's dtype at most {_MAX_SELECT_FILL:g}"
     return None
 
 

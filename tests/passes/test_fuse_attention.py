@@ -80,8 +80,9 @@ def feeds(kv_heads: int, seed: int, seq: int = S, past: int = P) -> dict[str, np
 def fuse_and_compare(kit, model_path, kv_heads) -> tuple[ir.Model, dict]:
     model = ir.load(model_path)
     reports = {r.name: r for r in run_fusions(model)}
+    names = {v.name for v in ir.load(model_path).graph.inputs}  # an unused mask is not exported
     for seed, seq, past in ((0, S, P), (1, 1, 7), (2, 4, 0)):
-        f = feeds(kv_heads, seed, seq, past)
+        f = {k: v for k, v in feeds(kv_heads, seed, seq, past).items() if k in names}
         for want, got in zip(kit.run(model_path, f), kit.run(model, f)):
             np.testing.assert_allclose(got, want, rtol=kit.rtol, atol=kit.atol)
     return model, reports
@@ -227,3 +228,46 @@ def test_mask_reading_cached_values_keeps_the_concat_and_names_the_node(kit, tmp
     (blocked,) = [n for n in notes if "keeps its Concat cache" in n]
     assert "ReduceMax node" in blocked and "reads the values of 'present_key'" in blocked, blocked
     assert repr(node.name) in blocked
+
+
+class SelectedScoresAttention(torch.nn.Module):
+    """GPT-2's eager attention (transformers 4.x): the scores are selected by a causal bias sliced by the lengths,
+    with a large negative fill, before the additive mask; ``form`` writes the selection the ways exporters see."""
+
+    def __init__(self, form: str, fill: float = torch.finfo(torch.float32).min, additive: bool = True):
+        super().__init__()
+        self.form, self.fill, self.additive = form, fill, additive
+        self.register_buffer("bias", torch.tril(torch.ones(32, 32, dtype=torch.bool))[None, None])
+
+    def forward(self, q, k_new, v_new, past_k, past_v, mask):
+        k, v = torch.cat((past_k, k_new), dim=2), torch.cat((past_v, v_new), dim=2)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(D)
+        total, seq = k.shape[-2], q.shape[-2]
+        causal = self.bias[:, :, total - seq:total, :total]
+        fill = torch.full([], self.fill, dtype=scores.dtype)
+        if self.form == "keep":  # torch.where(causal, scores, fill)
+            scores = torch.where(causal, scores, fill)
+        else:  # scores.masked_fill(~causal, fill): Where(not causal, fill, scores)
+            scores = scores.masked_fill(~causal, self.fill)
+        if self.additive:
+            scores = scores + mask
+        return torch.softmax(scores, dim=-1) @ v, k, v
+
+
+@pytest.mark.parametrize("form, additive", [("keep", True), ("drop", True), ("keep", False)])
+def test_scores_selected_by_a_boolean_mask_fuse_with_it_as_an_additive_mask(kit, tmp_path, form, additive):
+    path = tmp_path / "selected.onnx"
+    export(SelectedScoresAttention(form, additive=additive), 4, path)
+    model, reports = fuse_and_compare(kit, path, 4)  # the causal part matters: prefills of 3 and 4 tokens
+    (node,) = [n for n in model.graph if n.op_type == "Attention"]
+    assert kit.op_counts(model)["Softmax"] == 0 and len(node.inputs) == 6
+    assert reports["attention"].notes[-1] == "1 of 1 take past_key/past_value"
+
+
+def test_scores_selected_with_a_small_fill_are_not_fused(kit, tmp_path):
+    """A fill of -1 leaves the unselected scores weight in the softmax: not a mask, so not Attention's."""
+    path = tmp_path / "small_fill.onnx"
+    export(SelectedScoresAttention("keep", fill=-1.0), 4, path)
+    model, reports = fuse_and_compare(kit, path, 4)
+    assert kit.op_counts(model)["Attention"] == 0
+    assert "at most -10000" in reports["attention"].notes[0], reports["attention"].notes
