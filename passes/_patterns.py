@@ -87,9 +87,11 @@ class SampleDims:
     evaluated.
     """
 
-    def __init__(self, sizes: Iterable[int] = (7, 11, 13, 17, 19, 23, 29, 31, 37, 41)):
+    def __init__(self, sizes: Iterable[int] = (7, 11, 13, 17, 19, 23, 29, 31, 37, 41),
+                 named: Mapping[str, int] | None = None):
+        """``named``: sizes fixed in advance; with ``sizes=()`` any other symbol is a ProbeError."""
         self._free = iter(sizes)
-        self._sizes: dict[str, int] = {}
+        self._sizes: dict[str, int] = dict(named or {})
 
     def size(self, dim: int | ir.SymbolicDim) -> int:
         if isinstance(dim, int):

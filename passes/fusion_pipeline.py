@@ -1,8 +1,10 @@
-"""The fusion phase of kvc's pass pipeline: canonicalize, RMSNorm, RoPE, attention, then the pasts' shape reads.
+"""The fusion phase of kvc's pass pipeline: canonicalize, positions, RMSNorm, RoPE, attention, then the pasts'
+shape reads and the sizes computed from the past length.
 
-Order matters: RoPE and RMSNorm fusions leave the attention inputs as plain tensors, and the
-attention fusion runs after them because the KV ring-buffer pass that follows this phase
-rewrites the Attention nodes' past/present inputs and outputs. The past shape reads are
+Order matters: positions computed in-graph from the past length become position_ids before the RoPE fusion,
+so it can read cos/sin tables by them. RoPE and RMSNorm fusions leave the attention inputs as plain tensors, and
+the attention fusion runs after them because the KV ring-buffer pass that follows this phase rewrites the
+Attention nodes' past/present inputs and outputs. The past shape reads, and sizes computed from them, are
 rebuilt from other inputs after it: the attention fusion's head-repeat probes rely on the pasts' own
 symbolic sizes, which the exporters do not tie to attention_mask's.
 """
@@ -18,10 +20,12 @@ from kvc.passes.fuse_attention import FuseAttentionPass
 from kvc.passes.fuse_rms_norm import FuseRmsNormPass
 from kvc.passes.fuse_rotary import FuseRotaryPass
 from kvc.passes.import_ort_genai import ImportOrtGenaiPass
+from kvc.passes.length_uses import LengthUsesFromInputsPass, PositionsFromInputsPass
 from kvc.passes.past_shapes import PastShapesFromInputsPass
 
-FUSION_PASSES: list[type[KvcPass]] = [ImportOrtGenaiPass, CanonicalizePass, FuseRmsNormPass, FuseRotaryPass, FuseAttentionPass,
-                                      PastShapesFromInputsPass]
+FUSION_PASSES: list[type[KvcPass]] = [ImportOrtGenaiPass, CanonicalizePass, PositionsFromInputsPass, FuseRmsNormPass,
+                                      FuseRotaryPass, FuseAttentionPass, PastShapesFromInputsPass,
+                                      LengthUsesFromInputsPass]
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,8 @@ class FusionOptions:
 def build_fusion_passes(options: FusionOptions = FusionOptions()) -> list[KvcPass]:
     passes: list[KvcPass] = []
     for cls in FUSION_PASSES:
-        passes.append(cls(max_positions=options.max_positions) if cls is FuseRotaryPass else cls())
+        positional = cls in (PositionsFromInputsPass, FuseRotaryPass, LengthUsesFromInputsPass)
+        passes.append(cls(max_positions=options.max_positions) if positional else cls())
     return passes
 
 

@@ -112,21 +112,32 @@ def _check_attention_mask_only_feeds_masks(graph: ir.Graph, layers: list[FusedLa
     if mask_input is None:
         return
     cut = {id(f.attention) for f in layers}
-    seen: set[int] = set()
-    stack = [v.producer() for v in graph.outputs if v.producer() is not None]
+    reader_of: dict[int, ir.Node] = {}  # node -> a node that reads its output on the way to a graph output
+    stack = [(v.producer(), None) for v in graph.outputs if v.producer() is not None]
     while stack:
-        node = stack.pop()
-        if id(node) in seen:
+        node, reader = stack.pop()
+        if id(node) in reader_of:
             continue
-        seen.add(id(node))
+        reader_of[id(node)] = reader
         inputs = node.inputs[:3] if id(node) in cut else node.inputs  # skip the old mask and pasts
         for value in inputs:
             if value is mask_input:
                 raise GraphError(f"{ATTENTION_MASK} is used by {node.op_type} node {node.name!r} besides the "
-                                 "attention mask; the ring graph has no attention_mask input: compute position_ids "
-                                 "outside the graph (kvc export does) and re-export")
+                                 f"attention mask{_first_data_use(node, reader_of)}; the ring graph has no "
+                                 "attention_mask input: export with position_ids as an input and without sizes "
+                                 "computed from it (kvc export does)")
             if value is not None and value.producer() is not None:
-                stack.append(value.producer())
+                stack.append((value.producer(), node))
+
+
+def _first_data_use(node: ir.Node, reader_of: dict[int, ir.Node]) -> str:
+    """', reaching <op> node <name>': the first node on the way to an output that computes on tensor data
+    rather than on integer sizes (what the user would look for in the graph)."""
+    while node is not None:
+        if any(v.dtype not in (ir.DataType.INT64, ir.DataType.INT32, None) for v in node.outputs):
+            return f", reaching {node.op_type} node {node.name!r}"
+        node = reader_of.get(id(node))
+    return ""
 
 
 def _graph_input(graph: ir.Graph, name: str) -> ir.Value | None:

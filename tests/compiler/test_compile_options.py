@@ -16,14 +16,14 @@ def test_dump_passes_and_verify_report_each_pass(exported, tmp_path):
                                       "--dump-passes", str(dump), "--verify"])
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in dump.glob("*.onnx"))
-    lowering = [f"{i:02d}_{p.name}.onnx" for i, p in enumerate(lowering_passes("ort"), start=9)]
-    assert names == ["00_input.onnx", "01_import_ort_genai.onnx", "02_canonicalize.onnx", "03_rms_norm.onnx",
-                     "04_rotary.onnx", "05_attention.onnx", "06_past_shapes.onnx", "07_kv_ring_buffer.onnx",
-                     "08_kv_quantize.onnx", *lowering]
-    fused = onnx.load(str(dump / "05_attention.onnx"))
+    lowering = [f"{i:02d}_{p.name}.onnx" for i, p in enumerate(lowering_passes("ort"), start=11)]
+    assert names == ["00_input.onnx", "01_import_ort_genai.onnx", "02_canonicalize.onnx", "03_positions.onnx",
+                     "04_rms_norm.onnx", "05_rotary.onnx", "06_attention.onnx", "07_past_shapes.onnx",
+                     "08_length_uses.onnx", "09_kv_ring_buffer.onnx", "10_kv_quantize.onnx", *lowering]
+    fused = onnx.load(str(dump / "06_attention.onnx"))
     assert sum(n.op_type == "Attention" for n in fused.graph.node) == 2
     # Each I/O-preserving pass was run against its input in ONNX Runtime on random inputs.
-    for name in ("canonicalize", "rms_norm", "rotary", "attention", "past_shapes"):
+    for name in ("canonicalize", "rms_norm", "rotary", "attention", "past_shapes", "length_uses"):
         line = next(l for l in result.output.splitlines() if l.startswith(f"pass {name}:"))
         diff = float(line.split("max |diff| vs previous graph ")[1])
         assert diff < 1e-4, line

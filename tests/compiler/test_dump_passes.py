@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-NEUTRAL = ["import_ort_genai", "canonicalize", "rms_norm", "rotary", "attention", "past_shapes", "kv_ring_buffer", "kv_quantize"]
+NEUTRAL = ["import_ort_genai", "canonicalize", "positions", "rms_norm", "rotary", "attention", "past_shapes", "length_uses",
+           "kv_ring_buffer", "kv_quantize"]
 
 
 def compile_with_dump(exported, tmp_path, engine: str, kv_dtype: str):

@@ -100,13 +100,15 @@ def test_rotary_reads_a_materialised_cache_by_position_ids(kvc_export):
 
 
 def test_pipeline_order_and_reports(kvc_export):
-    assert [p.name for p in FUSION_PASSES] == ["import_ort_genai", "canonicalize", "rms_norm", "rotary", "attention", "past_shapes"]
+    assert [p.name for p in FUSION_PASSES] == ["import_ort_genai", "canonicalize", "positions", "rms_norm", "rotary",
+                                               "attention", "past_shapes", "length_uses"]
     _, path = kvc_export("tiny-gpt2", "torchscript")
     model = ir.load(path)
     reports = run_fusions(model)  # a fresh run: the cached ones share reports
-    assert [r.name for r in reports] == ["import_ort_genai", "canonicalize", "rms_norm", "rotary", "attention", "past_shapes"]
+    assert [r.name for r in reports] == ["import_ort_genai", "canonicalize", "positions", "rms_norm", "rotary",
+                                         "attention", "past_shapes", "length_uses"]
     assert reports[0].matched == 0 and not reports[0].changed_graph  # no contrib ops: nothing to import
     reports = reports[1:]
     assert model.opset_imports[""] == 23 and model.ir_version >= 10
     assert any(n.startswith("opset 18 -> 23") for n in reports[0].notes)
-    assert [r.matched for r in reports[1:]] == [0, 0, 2, 0]  # kvc graphs read no cache shapes
+    assert [r.matched for r in reports[1:]] == [0, 0, 0, 2, 0, 0]  # kvc graphs read no cache shapes or lengths

@@ -7,9 +7,9 @@
   graph computes what the exporter's graph computes (ONNX Runtime, prefill + decode, past the 8-token window);
 * the exporter's graph itself gives the reference tokens (transformers' generate in the side venv, reference.json);
 * the ``kvc compile`` command builds the merged form and GPT-2;
-* kvc compile -> 32 greedy tokens equal transformers' on 3 prompts (one past mistral's window), ORT engine on all
-  but Gemma (exported without position_ids: refused in one line), TVM on mistral_window8 (the Shape reads of the
-  past are rebuilt by kvc.passes.past_shapes).
+* kvc compile -> 32 greedy tokens equal transformers' on 3 prompts (one past mistral's window), ORT engine on all,
+  TVM on mistral_window8 (the Shape reads of the past are rebuilt by kvc.passes.past_shapes). Gemma is exported
+  without position_ids and computes them from the past length: kvc.passes.length_uses makes them an input.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "optimum"
 CASES = ["llama", "qwen2", "mistral_window8", "mistral_window48", "gpt2", "llama_merged", "qwen3", "phi3", "gemma",
          "granite", "olmo2", "stablelm", "smollm3"]
 CAPACITY = 64
-NO_POSITION_IDS = ["gemma"]  # optimum exports Gemma without a position_ids input
+NO_POSITION_IDS = ["gemma"]  # optimum exports Gemma without a position_ids input: the compiled graph gains one
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +59,7 @@ def _dims(config: dict) -> tuple[int, int, int]:
     return config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"]
 
 
-def _feeds(session, config: dict, rng: np.random.Generator, batch: int, seq: int, past: int) -> dict[str, np.ndarray]:
+def _feeds(config: dict, rng: np.random.Generator, batch: int, seq: int, past: int) -> dict[str, np.ndarray]:
     layers, kv_heads, head_dim = _dims(config)
     feeds = {"input_ids": rng.integers(0, config["vocab_size"], (batch, seq)),
              "attention_mask": np.ones((batch, past + seq), np.int64),
@@ -69,8 +69,7 @@ def _feeds(session, config: dict, rng: np.random.Generator, batch: int, seq: int
         for kind in ("key", "value"):
             feeds[f"past_key_values.{layer}.{kind}"] = rng.standard_normal(
                 (batch, kv_heads, past, head_dim)).astype(np.float32)
-    names = {i.name for i in session.get_inputs()}
-    return {k: v for k, v in feeds.items() if k in names}
+    return feeds  # each graph reads the ones it has (a fused Gemma gains position_ids)
 
 
 def _run(kit, model, feeds: dict) -> dict[str, np.ndarray]:
@@ -99,7 +98,7 @@ def test_fusions_fold_every_attention_with_its_past_and_keep_the_graph_equal(nam
     original = onnx.load(str(unpacked[name]))
     rng = np.random.default_rng(7)
     for batch, seq, past in ((2, 5, 0), (2, 1, 5), (1, 3, 10)):  # prefill, decode, a chunk past the 8-token window
-        feeds = _feeds(kit.ort_session(original), config, rng, batch, seq, past)
+        feeds = _feeds(config, rng, batch, seq, past)
         want, got = _run(kit, original, feeds), _run(kit, model, feeds)
         assert sorted(want) == sorted(got)
         for output, expected in want.items():
@@ -183,7 +182,7 @@ def _assert_tokens_equal_reference(name: str, artifact: Path) -> None:
         assert model.generate(prompt, params).token_ids == tokens, prompt
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if n not in NO_POSITION_IDS])
+@pytest.mark.parametrize("name", CASES)
 def test_ort_engine_tokens_equal_transformers(name, unpacked, tmp_path):
     result = _compile(unpacked[name], tmp_path / "out.kvc")
     config, (layers, _, _) = _config(name), _dims(_config(name))
@@ -195,14 +194,12 @@ def test_ort_engine_tokens_equal_transformers(name, unpacked, tmp_path):
 
 
 @pytest.mark.parametrize("name", NO_POSITION_IDS)
-def test_a_graph_computing_its_own_positions_is_refused_in_one_line(name, unpacked, tmp_path):
-    """optimum's Gemma graph has no position_ids input: it computes positions from attention_mask's length, which
-    the ring graph does not have. Refused naming the Shape read, nothing written."""
-    from kvc.errors import GraphError
-
-    with pytest.raises(GraphError, match=r"attention_mask is used by Shape node '[^']+' besides the attention mask"):
-        _compile(unpacked[name], tmp_path / "out.kvc")
-    assert not (tmp_path / "out.kvc").exists()
+def test_positions_computed_in_the_graph_become_an_input_that_rope_reads(name, unpacked, tmp_path):
+    _compile(unpacked[name], tmp_path / "out.kvc")
+    graph = onnx.load(str(tmp_path / "out.kvc" / "graph.onnx"), load_external_data=False).graph
+    assert "position_ids" in [i.name for i in graph.input]
+    rotary = [n for n in graph.node if n.op_type == "RotaryEmbedding"]
+    assert rotary and all(list(n.input)[3:] == ["position_ids"] for n in rotary)
 
 
 def test_tvm_engine_tokens_equal_transformers(unpacked, tmp_path):

@@ -277,6 +277,27 @@ def test_attention_mask_used_elsewhere_is_refused():
     assert ir.to_proto(model).SerializeToString() == before
 
 
+def test_attention_mask_length_used_elsewhere_is_refused_naming_where_it_reaches():
+    """A size read off attention_mask (the past length) that reaches the logits: the refusal names the Shape read
+    and the first node computing on tensor data, where a user would look."""
+    model = build_fused_decoder(SPEC, random_weights(SPEC))
+    graph = model.graph
+    mask = next(v for v in graph.inputs if v.name == ATTENTION_MASK)
+    logits = graph.outputs[0]
+    shape = ir.node("Shape", [mask], {"start": 1, "end": 2}, name="total_length")
+    minus = ir.node("Sub", [shape.outputs[0], shape.outputs[0]], name="zero_length")
+    cast = ir.node("Cast", [minus.outputs[0]], {"to": ir.DataType.FLOAT}, name="length_as_float")
+    bump = ir.node("Add", [logits, cast.outputs[0]], name="bump")
+    graph.extend([shape, minus, cast, bump])
+    for node, dtype in ((shape, ir.DataType.INT64), (minus, ir.DataType.INT64), (cast, ir.DataType.FLOAT)):
+        node.outputs[0].dtype = dtype  # as shape inference leaves them in the pipeline
+    bump.outputs[0].name, logits.name = "logits", "logits_raw"
+    graph.outputs[0] = bump.outputs[0]
+    with pytest.raises(GraphError, match=r"^attention_mask is used by Shape node 'total_length' besides the attention "
+                                         r"mask, reaching Cast node 'length_as_float'; the ring graph has no"):
+        KvRingBufferPass(RingBufferOptions(capacity=16))(model)
+
+
 def test_layout_metadata_is_json_the_runtime_can_read():
     model, _, _ = ring_model(DecoderSpec(sliding_window=5), 32)
     meta = json.loads(model.metadata_props[LAYOUT_KEY])

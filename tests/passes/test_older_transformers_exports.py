@@ -2,8 +2,9 @@
 transformers 4.57.6: llama, mistral with an 8-token window and gpt2 from the dynamo exporter, which is the one that can
 export that transformers; the suite's own exports in test_torch_exports_compile.py use the suite's transformers) ->
 kvc compile with no config.json beside the graph -> 32 greedy tokens equal that transformers' generate
-(reference.json) on 3 prompts, two past the window; ORT engine on llama and mistral, TVM on llama. GPT-2's
-attention in that transformers (its mask built from the pasts' shapes) is not fused yet: refused in one line."""
+(reference.json) on 3 prompts, two past the window; ORT engine on all three, TVM on llama and gpt2. GPT-2 in that
+transformers masks its scores with Where(causal bias, scores, lowest) and the dynamo exporter sizes its second
+layer's rows from the past length (kvc.passes.length_uses)."""
 from __future__ import annotations
 
 import gzip
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "torch_exports"
-CASES = ["llama_dynamo", "mistral_window8_dynamo"]
+ROTARY_LAYERS = {"llama_dynamo": 4, "mistral_window8_dynamo": 4, "gpt2_dynamo": 0}  # q and k of 2 layers
 CAPACITY = 64
 
 
@@ -42,25 +43,20 @@ def _compile_and_generate(name: str, tmp_path: Path, engine: str) -> None:
         assert model.generate(prompt, params).token_ids == tokens, (name, prompt)
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", ROTARY_LAYERS)
 def test_ort_engine_tokens_equal_that_transformers(name, tmp_path):
     import onnx
 
     _compile_and_generate(name, tmp_path, "ort")
     graph = onnx.load(str(tmp_path / "out.kvc" / "graph.onnx"), load_external_data=False).graph
+    assert sum(n.op_type == "Attention" for n in graph.node) == 2
     rotary = [n for n in graph.node if n.op_type == "RotaryEmbedding"]
     # cos/sin read from tables by position_ids (4.57 builds them from inv_freq.expand(batch, ...) x positions)
-    assert len(rotary) == 4 and all(len(n.input) == 4 and n.input[3] == "position_ids" for n in rotary)
+    assert len(rotary) == ROTARY_LAYERS[name]
+    assert all(len(n.input) == 4 and n.input[3] == "position_ids" for n in rotary)
 
 
-def test_tvm_engine_tokens_equal_that_transformers(tmp_path):
+@pytest.mark.parametrize("name", ["llama_dynamo", "gpt2_dynamo"])
+def test_tvm_engine_tokens_equal_that_transformers(name, tmp_path):
     pytest.importorskip("tvm")
-    _compile_and_generate("llama_dynamo", tmp_path, "tvm")
-
-
-def test_unfused_gpt2_attention_is_refused_in_one_line(tmp_path):
-    from kvc.errors import GraphError
-
-    with pytest.raises(GraphError, match=r"^layer 0: attention is not fused \(past_key_values.0.key feeds Concat"):
-        _compile_and_generate("gpt2_dynamo", tmp_path, "ort")
-    assert not (tmp_path / "out.kvc").exists()
+    _compile_and_generate(name, tmp_path, "tvm")
