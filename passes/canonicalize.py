@@ -13,7 +13,7 @@
 3. onnx shape inference with data propagation, so Reshape outputs get head counts and sizes;
 4. fold ``Gather(Shape(x), i)`` and ``Slice(Shape(x), a, b)`` where those dimensions of x are known integers
    (the folder only folds whole static shapes; exporters compute head_dim / 2 and SDPA's default scale this
-   way), then fold again;
+   way) and one-element ConstantOfShape (TorchScript's torch.full([], d ** 0.5)), then fold again;
 5. Reshape -1 dims proven by cancelling the input's symbolic dims (kvc.passes.reshape_inferred_dim), and
    flatten-MatMul-unflatten chains (GPT-2's Conv1D) -> MatMul over the leading dims (kvc.passes.unflatten_matmul).
 """
@@ -78,14 +78,18 @@ class StaticShapeSlice(pattern.RewriteRuleClassBase):
 
     def pattern(self, op, x, starts, ends):
         shape = op.Shape(x, _allow_other_attributes=True, _outputs=["shape"])
-        return op.Slice(shape, starts, ends, _outputs=["sliced"])
+        return op.Slice(shape, starts, ends, _allow_other_inputs=True, _outputs=["sliced"])
 
-    def check(self, context, x, starts, ends, shape, **_) -> pattern.MatchResult:
+    def check(self, context, x, starts, ends, shape, sliced, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
         self._dims = None
         first, last = const_ints(starts), const_ints(ends)
         if first is None or last is None or len(first) != 1 or len(last) != 1 or x.shape is None:
             return result.fail("slice bounds or input shape unknown")
+        axes_steps = list(sliced.producer().inputs[3:]) + [None, None]
+        axes, steps = axes_steps[0], axes_steps[1]  # TorchScript writes axes [0] (and no steps)
+        if (axes is not None and const_ints(axes) not in ([0], [-1])) or (steps is not None and const_ints(steps) != [1]):
+            return result.fail("slice axes or steps are not the default")
         node = shape.producer()
         dims = list(x.shape)[attr_int(node, "start", 0):attr_int(node, "end", x.shape.rank()) or None]
         picked = dims[slice(first[0], last[0])]
@@ -123,9 +127,38 @@ class SplitOffNothing(pattern.RewriteRuleClassBase):
         return op.Identity(x)  # the Split stays while its empty part has users
 
 
+class SmallConstantOfShape(pattern.RewriteRuleClassBase):
+    """ConstantOfShape(constant shape) of one element -> Constant. onnxscript's folder leaves every
+    ConstantOfShape; TorchScript writes torch.full([], d ** 0.5), GPT-2's score divisor in transformers 4.4x, as
+    ConstantOfShape([]) + d ** 0.5, which must fold for the attention's scale to be a constant. (Larger ones stay:
+    folding ONNX's expanded Attention's zero bias would fold its row guard into a form the fusion does not know.)"""
+
+    _MAX_ELEMENTS = 1
+
+    def __init__(self):
+        super().__init__("SmallConstantOfShape", remove_nodes=False)
+
+    def pattern(self, op, shape):
+        return op.ConstantOfShape(shape, _allow_other_attributes=True, _outputs=["filled"])
+
+    def check(self, context, shape, filled, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        dims = const_ints(shape)
+        if dims is None or any(d < 0 for d in dims) or int(np.prod(dims)) > self._MAX_ELEMENTS:
+            return result.fail("shape not a small constant")
+        attribute = filled.producer().attributes.get("value")
+        fill = attribute.as_tensor().numpy().reshape(-1) if attribute is not None else np.zeros(1, np.float32)
+        self._filled = np.full(dims, fill[0], dtype=fill.dtype)
+        return result
+
+    def rewrite(self, op, **_):
+        return op.Constant(value=ir.tensor(self._filled))
+
+
 def _static_shape_rules() -> pattern.RewriteRuleSet:
     """Built per run: StaticShapeGather keeps its match's dims between check and rewrite."""
-    return pattern.RewriteRuleSet([StaticShapeGather.rule(), StaticShapeSlice.rule(), SplitOffNothing.rule()])
+    return pattern.RewriteRuleSet([StaticShapeGather.rule(), StaticShapeSlice.rule(), SplitOffNothing.rule(),
+                                   SmallConstantOfShape.rule()])
 
 
 _CLEANUP_RULES = pattern.RewriteRuleSet([
