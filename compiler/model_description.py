@@ -38,6 +38,7 @@ from kvc.contract import GENERATION_KEY, INPUT_IDS, MODEL_CONFIG_KEY, PAST_RE, P
 from kvc.errors import GraphError, KvcError
 from kvc.models.config import Family, ModelConfig
 from kvc.passes.cache_crop import graph_crop_windows
+from kvc.passes.mask_windows import graph_mask_windows
 from kvc.passes.kv_layout import Fp8Scales
 from kvc.userfiles import parse_json
 
@@ -90,9 +91,13 @@ def describe_model(model: ir.Model, model_dir: Path, options: CompileOptions) ->
 
 
 def _with_graph_window(config: ModelConfig, source: str, model: ir.Model) -> tuple[ModelConfig, str]:
-    """The windows a graph applies by cropping its caches (kvc.passes.cache_crop) are the model's own: a config
+    """The windows a graph applies by cropping its caches (kvc.passes.cache_crop) or, in a graph from another
+    exporter that crops nothing, in its attention masks (kvc.passes.mask_windows) are the model's own: a config
     that says nothing takes them, one that says other windows is the wrong config."""
-    found = graph_crop_windows(model)
+    found, how = graph_crop_windows(model), "crops its caches to windows of {} (cached positions kept + 1)"
+    if found.window is None and not found.layer_windows and MODEL_CONFIG_KEY not in model.metadata_props:
+        found = graph_mask_windows(model, config.max_position_embeddings) or found
+        how = "masks keys outside windows of {} (its masks evaluated at sample lengths)"
     if found.window is None and not found.layer_windows:
         return config, source
     said = tuple(config.window_for_layer(i) for i in range(config.num_layers))
@@ -100,9 +105,8 @@ def _with_graph_window(config: ModelConfig, source: str, model: ir.Model) -> tup
     if said == graph:
         return config, source
     if config.sliding_window is not None or config.layer_windows:
-        raise GraphError(f"{source} says sliding window(s) {_windows_text(said)} but the graph crops its caches to "
-                         f"{_windows_text(graph)} (window = cached positions kept + 1); pass the config.json of "
-                         "this model")
+        raise GraphError(f"{source} says sliding window(s) {_windows_text(said)} but the graph "
+                         f"{how.format(_windows_text(graph))}; pass the config.json of this model")
     return (dataclasses.replace(config, sliding_window=found.window, layer_windows=found.layer_windows),
             f"{source}; sliding window {_windows_text(graph)} from the graph")
 

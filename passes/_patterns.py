@@ -145,6 +145,7 @@ class SampleDims:
         raise ProbeError(f"cannot evaluate dimension expression {ast.unparse(node)!r}")
 
 
+_MAX_PROBE_CONSTANT_BYTES = 256 << 20
 _MAX_SLICE_DEPTH = 100  # nodes between a probed value and its feeds; keeps recursion shallow
 
 
@@ -170,6 +171,8 @@ class _SliceBuilder:
             return
         array = const_array(value)
         if array is not None:
+            if array.nbytes > _MAX_PROBE_CONSTANT_BYTES:  # a precomputed [max_pos, max_pos] causal mask, say
+                raise ProbeError(f"it reads a {array.nbytes >> 20} MiB constant")
             self.constants[value.name] = array
             return
         node = value.producer()

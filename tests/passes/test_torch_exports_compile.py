@@ -114,7 +114,7 @@ def test_window_other_than_the_graphs_is_refused(hf_export):
     config.sliding_window = 16
     config.to_json_file(export.path.parent / "config.json")
     try:
-        with pytest.raises(GraphError, match=r"says sliding window\(s\) 16 but the graph crops its caches to 8"):
+        with pytest.raises(GraphError, match=r"says sliding window\(s\) 16 but the graph crops its caches to windows of 8"):
             describe_model(model, export.path.parent, CompileOptions(max_seq_len=CAPACITY))
     finally:
         (export.path.parent / "config.json").unlink()
