@@ -1,10 +1,13 @@
-"""torch.onnx.export graphs of an older transformers (tests/data/torch_exports, made by make_fixtures.py with
-transformers 4.57.6: llama, mistral with an 8-token window and gpt2 from the dynamo exporter, which is the one that can
-export that transformers; the suite's own exports in test_torch_exports_compile.py use the suite's transformers) ->
-kvc compile with no config.json beside the graph -> 32 greedy tokens equal that transformers' generate
-(reference.json) on 3 prompts, two past the window; ORT engine on all three, TVM on llama and gpt2. GPT-2 in that
-transformers masks its scores with Where(causal bias, scores, lowest) and the dynamo exporter sizes its second
-layer's rows from the past length (kvc.passes.length_uses)."""
+"""torch.onnx.export graphs of older transformers (tests/data/torch_exports, made by make_fixtures.py): transformers
+4.57.6 through the dynamo exporter (the TorchScript one cannot trace it) and 4.46.3 through TorchScript; llama,
+mistral with an 8-token window and gpt2 each. The suite's own exports in test_torch_exports_compile.py use the suite's
+transformers. kvc compile with no config.json beside the graph -> 32 greedy tokens equal that transformers' generate
+(reference.json) on 3 prompts, two past the window; ORT engine on all, TVM on a subset. What each needs:
+* 4.57 GPT-2 masks its scores with Where(causal bias, scores, lowest) and the dynamo exporter sizes its second
+  layer's rows from the past length (kvc.passes.length_uses);
+* 4.57 mistral crops its caches to the window (kvc.passes.cache_crop); 4.46 mistral applies it in the mask only
+  (kvc.passes.mask_windows reads it by evaluating the masks);
+* 4.46 GPT-2 divides its scores by torch.full([], d ** 0.5), folded by canonicalize."""
 from __future__ import annotations
 
 import gzip
@@ -14,7 +17,8 @@ from pathlib import Path
 import pytest
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "torch_exports"
-ROTARY_LAYERS = {"llama_dynamo": 4, "mistral_window8_dynamo": 4, "gpt2_dynamo": 0}  # q and k of 2 layers
+ROTARY_LAYERS = {"llama_dynamo": 4, "mistral_window8_dynamo": 4, "gpt2_dynamo": 0,  # q and k of 2 layers
+                 "tf446_llama_torchscript": 4, "tf446_mistral_window8_torchscript": 4, "tf446_gpt2_torchscript": 0}
 CAPACITY = 64
 
 
@@ -56,7 +60,29 @@ def test_ort_engine_tokens_equal_that_transformers(name, tmp_path):
     assert all(len(n.input) == 4 and n.input[3] == "position_ids" for n in rotary)
 
 
-@pytest.mark.parametrize("name", ["llama_dynamo", "gpt2_dynamo"])
+@pytest.mark.parametrize("name", ["llama_dynamo", "gpt2_dynamo", "tf446_mistral_window8_torchscript"])
 def test_tvm_engine_tokens_equal_that_transformers(name, tmp_path):
     pytest.importorskip("tvm")
     _compile_and_generate(name, tmp_path, "tvm")
+
+
+def test_a_config_saying_another_window_than_the_masks_is_refused(tmp_path):
+    """4.46 mistral's masks hide keys 8 or more positions back; a config.json beside it saying 16 is the wrong one."""
+    from kvc.errors import GraphError
+
+    source = tmp_path / "source"
+    source.mkdir()
+    graph = _unpack("tf446_mistral_window8_torchscript", source)
+    (source / "config.json").write_text(json.dumps(_mistral_config(sliding_window=16)))
+    from kvc.compiler.options import CompileOptions, Device, EngineKind
+    from kvc.compiler.pipeline import compile_model
+
+    with pytest.raises(GraphError, match=r"says sliding window\(s\) 16 but the graph masks keys outside windows of 8 "):
+        compile_model(graph, tmp_path / "out.kvc", CompileOptions(engine=EngineKind("ort"), device=Device("cpu"),
+                                                                  max_seq_len=CAPACITY), progress=lambda *_: None)
+    assert not (tmp_path / "out.kvc").exists()
+
+
+def _mistral_config(sliding_window: int) -> dict:
+    optimum = DATA.parent / "optimum" / "mistral_window8" / "config.json"
+    return dict(json.loads(optimum.read_text()), sliding_window=sliding_window)

@@ -84,10 +84,12 @@ def seeded_weights(model, seed: int = SEED) -> None:
 
 def hf_model(config_dict: dict, seed: int = SEED):
     """The fp32 transformers model of a case (eager attention, so the window is applied by any version)."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(**config_dict)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype="float32", attn_implementation="eager")
+    # a torch dtype, not "float32": transformers 4.46 (tests/data/torch_exports) takes only that
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32, attn_implementation="eager")
     seeded_weights(model, seed)
     return model.eval()
 

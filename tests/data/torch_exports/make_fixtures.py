@@ -1,16 +1,22 @@
-"""Build the older-transformers torch.onnx.export fixtures in this folder (run with the optimum side venv, whose
-transformers is older than the suite's; see tests/data/optimum/make_fixtures.py for how it was made).
+"""Build the older-transformers torch.onnx.export fixtures in this folder, each with the transformers its name says
+(side venvs; the suite's own exports in tests/passes/_hf_exports.py use the suite's transformers):
 
-    /work/wt/optimum-venv/bin/python tests/data/torch_exports/make_fixtures.py [CASE ...]
+    /work/wt/optimum-venv/bin/python tests/data/torch_exports/make_fixtures.py   # transformers 4.57.6 cases
+    /work/wt/tf44-venv/bin/python tests/data/torch_exports/make_fixtures.py      # transformers 4.46.3 cases
+
+(optimum-venv: see tests/data/optimum/make_fixtures.py; tf44-venv: ``python -m venv``, then
+``pip install torch==2.13.0 transformers==4.46.3 onnx==1.23.2 onnxscript numpy``.) A run builds the cases of the
+transformers it runs with, or the CASE names given.
 
 Cases: llama, mistral with an 8-token window (shorter than two of the test prompts) and gpt2, exported with
-``torch.onnx.export(dynamo=True)`` exactly as tests/passes/_hf_exports.py exports the suite's own (past KV as explicit
-inputs and outputs, opset 18, no config.json beside the graph). The TorchScript exporter cannot trace this
-transformers (its masks are built with torch.vmap: ``RuntimeError: unordered_map::at`` in the tracer), so it has no
-cases. Models and prompts are the optimum fixtures' (same configs, same numpy-seeded weights, so the graphs are small).
+``torch.onnx.export`` exactly as tests/passes/_hf_exports.py exports the suite's own (past KV as explicit inputs and
+outputs, opset 18, no config.json beside the graph). transformers 4.57.6: the dynamo exporter only (the TorchScript
+exporter cannot trace its masks, built with torch.vmap: ``RuntimeError: unordered_map::at`` in the tracer).
+transformers 4.46.3: the TorchScript exporter (its caches are passed in the legacy tuple form that version reads).
+Models and prompts are the optimum fixtures' (same configs, same numpy-seeded weights, so the graphs are small).
 Kept per case: model.onnx.gz (weights inline) and reference.json: transformers' greedy ``generate`` (32 new tokens,
-EOS ignored) for the prompts, computed here with this transformers.
-Made with transformers 4.57.6, torch 2.13.0 (CPU), onnxscript 0.7.2.
+EOS ignored) for the prompts, computed here with that transformers.
+Made with torch 2.13.0 (CPU), onnxscript 0.7.2.
 """
 from __future__ import annotations
 
@@ -24,8 +30,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parents[1]
-CASES = {"llama_dynamo": ("llama", "dynamo"), "mistral_window8_dynamo": ("mistral_window8", "dynamo"),
-         "gpt2_dynamo": ("gpt2", "dynamo")}
+# name -> (optimum fixture config, exporter, transformers version it is made with)
+CASES = {"llama_dynamo": ("llama", "dynamo", "4.57"), "mistral_window8_dynamo": ("mistral_window8", "dynamo", "4.57"),
+         "gpt2_dynamo": ("gpt2", "dynamo", "4.57"),
+         "tf446_llama_torchscript": ("llama", "torchscript", "4.46"),
+         "tf446_mistral_window8_torchscript": ("mistral_window8", "torchscript", "4.46"),
+         "tf446_gpt2_torchscript": ("gpt2", "torchscript", "4.46")}
 
 
 def _module(name: str, path: Path):
@@ -36,19 +46,44 @@ def _module(name: str, path: Path):
     return module
 
 
+class _LegacyFlatCache:
+    """exports._FlatCache for transformers 4.4x: caches in and out as a DynamicCache's legacy tuples."""
+
+    def __new__(cls, model, num_layers: int):
+        import torch
+        from transformers import DynamicCache
+
+        class Flat(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids, attention_mask, position_ids, *flat_past):
+                pairs = tuple((flat_past[2 * i], flat_past[2 * i + 1]) for i in range(num_layers))
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 past_key_values=DynamicCache.from_legacy_cache(pairs), use_cache=True)
+                cache = out.past_key_values
+                legacy = cache.to_legacy_cache() if hasattr(cache, "to_legacy_cache") else cache
+                return (out.logits, *[t for pair in legacy for t in pair])
+        return Flat()
+
+
 def build(name: str, work: Path) -> None:
     import onnx
     import transformers
 
     optimum = _module("optimum_fixtures", TESTS / "data" / "optimum" / "make_fixtures.py")
     exports = _module("hf_exports", TESTS / "passes" / "_hf_exports.py")
-    arch, exporter = CASES[name]
+    arch, exporter, version = CASES[name]
+    if not transformers.__version__.startswith(version + "."):
+        raise SystemExit(f"{name} is made with transformers {version}, this is {transformers.__version__}")
     config = optimum.CASES[arch]
     model = optimum.hf_model(config)
     kv_heads = config.get("num_key_value_heads", config.get("n_head"))
     head_dim = config.get("head_dim", config.get("n_embd", 0) // config.get("n_head", 1))
     path = work / f"{name}.onnx"
-    exports._export(exports._FlatCache(model, 2).eval(), exports._sample_inputs(kv_heads, head_dim), path, exporter)
+    flat = (exports._FlatCache if version == "4.57" else _LegacyFlatCache)(model, 2).eval()
+    exports._export(flat, exports._sample_inputs(kv_heads, head_dim), path, exporter)
     target = HERE / name
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir()
@@ -62,8 +97,11 @@ def build(name: str, work: Path) -> None:
 
 
 def main(names: list[str]) -> None:
+    import transformers
+
+    mine = [n for n, (_, _, version) in CASES.items() if transformers.__version__.startswith(version + ".")]
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names or list(CASES):
+        for name in names or mine:
             build(name, Path(tmp))
 
 
