@@ -129,8 +129,9 @@ def test_tuned_schedules_replace_the_default_ones(exported, tuned):
 
 def test_the_database_holds_kvcs_own_schedule_of_every_tuned_kernel_measured(tuned):
     """Tuning measures kvc's own schedules first, so the build takes the faster of them and the search's
-    best: every tuned kernel has a measured record that samples nothing and replays to exactly kvc's
-    schedule, besides the search's sampled ones."""
+    best: every tuned kernel has a measured record that replays to exactly kvc's schedule, besides the
+    search's. (The search may also write a record that samples nothing, for a kernel its space has only one
+    sketch for, so records are told apart by what they replay to.)"""
     import tvm
     import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
@@ -146,11 +147,22 @@ def test_the_database_holds_kvcs_own_schedule_of_every_tuned_kernel_measured(tun
     for records in by_workload.values():
         workload = records[0].workload.mod
         ours = next(s for s in (r.apply(workload["main"], target, False) for r in tuning.own_schedule_rules()) if s)
-        own = [r for r in records if not any(str(i.kind.name).startswith("Sample") for i in r.trace.insts)]
-        assert len(own) == 1 and own[0].run_secs and len(records) > 1
-        replayed = tvm.s_tir.Schedule(workload)
-        own[0].trace.apply_to_schedule(replayed, remove_postproc=False)
-        assert tvm_ffi.structural_equal(replayed.mod, ours.mod)
+        own = [r for r in records if _replays_to(r, workload, ours.mod)]
+        assert len(own) >= 1 and all(r.run_secs for r in own) and len(records) > len(own)
+
+
+def _replays_to(record, workload, scheduled) -> bool:
+    import tvm
+    import tvm_ffi
+
+    if any(str(i.kind.name).startswith("Sample") for i in record.trace.insts):
+        return False
+    replayed = tvm.s_tir.Schedule(workload)
+    try:
+        record.trace.apply_to_schedule(replayed, remove_postproc=False)
+    except Exception:  # a trace from another sketch need not apply here: it is not kvc's
+        return False
+    return tvm_ffi.structural_equal(replayed.mod, scheduled)
 
 
 def test_tuning_requests_that_cannot_work_are_refused_before_anything_is_written(exported, tmp_path):
