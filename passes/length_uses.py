@@ -49,7 +49,7 @@ class _LengthUsesPass(KvcPass):
     def apply(self, model: ir.Model) -> PassReport:
         report = PassReport(self.name)
         graph = model.graph
-        roots = _Roots(graph)
+        roots = LengthShapes(graph)
         ids = roots.ids
         if ids is None or not roots.holds_past_length:
             return report
@@ -97,7 +97,7 @@ class LengthUsesFromInputsPass(_LengthUsesPass):
         return None if found is None else _rebuild(graph, value, ids, *found)
 
 
-class _Roots:
+class LengthShapes:
     """Shape reads whose values follow from the lengths: of input_ids [B, S], attention_mask [B, P + S], the
     pasts [B, K, P, D], and of any value whose read dims are integers or the symbols those inputs name (an
     embedding's [batch, seq, hidden]). Gives each such read's value for sample lengths."""
@@ -149,7 +149,7 @@ class _Roots:
         return np.array(dims[slice(start, end)], np.int64)
 
 
-def _length_values(graph: ir.Graph, roots: _Roots) -> dict[ir.Value, bool]:
+def _length_values(graph: ir.Graph, roots: LengthShapes) -> dict[ir.Value, bool]:
     """Values computed only from length-bearing shape reads and constants -> whether they depend on the past
     length."""
     lengths: dict[ir.Value, bool] = {}
@@ -169,7 +169,7 @@ def _length_values(graph: ir.Graph, roots: _Roots) -> dict[ir.Value, bool]:
     return lengths
 
 
-def _sample_feeds(graph: ir.Graph, roots: _Roots, lengths: dict[ir.Value, bool], sizes: tuple[int, int, int]):
+def _sample_feeds(graph: ir.Graph, roots: LengthShapes, lengths: dict[ir.Value, bool], sizes: tuple[int, int, int]):
     """((batch, past, new), {each length-bearing Shape read: its value at those lengths})."""
     feeds = {}
     for value in lengths:
