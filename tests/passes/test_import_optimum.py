@@ -8,7 +8,7 @@
 * the exporter's graph itself gives the reference tokens (transformers' generate in the side venv, reference.json);
 * the ``kvc compile`` command builds the merged form and GPT-2;
 * kvc compile -> 32 greedy tokens equal transformers' on 3 prompts (one past mistral's window), ORT engine on all,
-  TVM on mistral_window8 (the Shape reads of the past are rebuilt by kvc.passes.past_shapes). Gemma is exported
+  TVM on mistral_window8 and gemma (the Shape reads of the past are rebuilt by kvc.passes.past_shapes). Gemma is exported
   without position_ids and computes them from the past length: kvc.passes.length_uses makes them an input.
 """
 from __future__ import annotations
@@ -202,7 +202,8 @@ def test_positions_computed_in_the_graph_become_an_input_that_rope_reads(name, u
     assert rotary and all(list(n.input)[3:] == ["position_ids"] for n in rotary)
 
 
-def test_tvm_engine_tokens_equal_transformers(unpacked, tmp_path):
+@pytest.mark.parametrize("name", ["mistral_window8", "gemma"])  # gemma: the position_ids input kvc adds
+def test_tvm_engine_tokens_equal_transformers(name, unpacked, tmp_path):
     pytest.importorskip("tvm")
-    _compile(unpacked["mistral_window8"], tmp_path / "out.kvc", engine="tvm")
-    _assert_tokens_equal_reference("mistral_window8", tmp_path / "out.kvc")
+    _compile(unpacked[name], tmp_path / "out.kvc", engine="tvm")
+    _assert_tokens_equal_reference(name, tmp_path / "out.kvc")

@@ -223,11 +223,11 @@ def test_softcap_is_carried_into_attention():
     assert caps == [30.0]
 
 
-# --- TVM engine on one fixture -----------------------------------------------------------------
+# --- TVM engine on a subset ---------------------------------------------------------------------
 
-def test_tvm_engine_tokens_equal_transformers(fixtures, tmp_path):
+@pytest.mark.parametrize("name", ["mistral_window_fp32", "phi3_fp32"])  # phi3: fused qkv and gate_up
+def test_tvm_engine_tokens_equal_transformers(fixtures, tmp_path, name):
     pytest.importorskip("tvm")
-    name = "mistral_window_fp32"
     config = json.loads((DATA / name / "config.json").read_text())
     hf = fixtures.hf_model(config)
     _compile(name, tmp_path / "out.kvc", engine="tvm")
