@@ -8,7 +8,8 @@
 ``pip install torch==2.13.0 transformers==4.46.3 onnx==1.23.2 onnxscript numpy``.) A run builds the cases of the
 transformers it runs with, or the CASE names given.
 
-Cases: llama, mistral with an 8-token window (shorter than two of the test prompts) and gpt2, exported with
+Cases: llama, mistral with an 8-token window (shorter than two of the test prompts) and gpt2 (4.46: also qwen2, phi3,
+gemma, granite, stablelm), exported with
 ``torch.onnx.export`` exactly as tests/passes/_hf_exports.py exports the suite's own (past KV as explicit inputs and
 outputs, opset 18, no config.json beside the graph). transformers 4.57.6: the dynamo exporter only (the TorchScript
 exporter cannot trace its masks, built with torch.vmap: ``RuntimeError: unordered_map::at`` in the tracer).
@@ -33,9 +34,8 @@ TESTS = HERE.parents[1]
 # name -> (optimum fixture config, exporter, transformers version it is made with)
 CASES = {"llama_dynamo": ("llama", "dynamo", "4.57"), "mistral_window8_dynamo": ("mistral_window8", "dynamo", "4.57"),
          "gpt2_dynamo": ("gpt2", "dynamo", "4.57"),
-         "tf446_llama_torchscript": ("llama", "torchscript", "4.46"),
-         "tf446_mistral_window8_torchscript": ("mistral_window8", "torchscript", "4.46"),
-         "tf446_gpt2_torchscript": ("gpt2", "torchscript", "4.46")}
+         **{f"tf446_{arch}_torchscript": (arch, "torchscript", "4.46")
+            for arch in ("llama", "mistral_window8", "gpt2", "qwen2", "phi3", "gemma", "granite", "stablelm")}}
 
 
 def _module(name: str, path: Path):
