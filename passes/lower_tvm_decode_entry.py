@@ -51,11 +51,20 @@ class LowerTvmDecodeEntryPass(KvcPass):
                 report.matched += 1
         _substitute_symbols(model.graph, fixed)
         masks = drop_redundant_ring_masks(model.graph)  # before folding renames the ring's constants
-        onnxscript.optimizer.optimize(model, num_iterations=2)
+        onnxscript.optimizer.optimize_ir(model, num_iterations=2, should_fold=_keeps_stored_weights)
         rows = "1 row" if batch == 1 else "any rows"
         report.notes.append(f"{report.matched} input shapes fixed to one new token, {rows}; shape arithmetic folded; "
                             f"{masks} ring masks implied by nonpad_kv_seqlen dropped")
         return report
+
+
+def _keeps_stored_weights(node: ir.Node) -> bool | None:
+    """Folding may not widen a weight stored in another dtype (--weights fp16/bf16: Cast(W) -> MatMul); the
+    packing pass that follows reads it as stored. onnxscript's own rules decide everything else (None)."""
+    source = node.inputs[0] if node.op_type == "Cast" and node.inputs else None
+    if source is not None and source.is_initializer() and source.shape is not None and len(source.shape) >= 2:
+        return False
+    return None
 
 
 def _symbols_fixed(before: ir.Shape, after: list) -> dict[str, int]:

@@ -9,8 +9,8 @@ Quantized weights would otherwise be decoded to a float32 W by a separate kernel
 bytes read per step were the fp32 bytes, plus the codes); here the kernel reads the codes themselves.
 
 Patterns (W, q, s, zp constant initializers read by nothing else):
-  MatMul(X, W [K, N] float32)     (fp16 weights keep their Cast + MatMul: their packed form is not loaded
-                                   as float16 by the engine yet)
+  MatMul(X, W [K, N] float32)
+  MatMul(X, Cast(W [K, N] float16 / bfloat16, to=float32))   (--weights fp16 / bf16: packed in that dtype)
   MatMul(X, DequantizeLinear(q [K, N] int8/uint8/int4/uint4, s [ceil(K/B), N], zp?, axis=0, block_size=B))
   -> PackedMatMul(X, codes, scale?, zero_point?)   domain ai.kvc
      attributes K, N, tile T, bits (32 | 16 | 8 | 4), block_size B (0: unquantized), code_offset
@@ -44,6 +44,7 @@ from kvc.contract import KVC_DOMAIN, KVC_DOMAIN_VERSION, PACKED_GATHER_OP, PACKE
 from kvc.passes.base import KvcPass, PassReport
 
 _WIDER = {ir.DataType.INT4: np.int8, ir.DataType.UINT4: np.uint8}
+_HALF = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)  # --weights fp16/bf16: Cast(W) -> MatMul
 _BITS = {ir.DataType.INT4: 4, ir.DataType.UINT4: 4, ir.DataType.INT8: 8, ir.DataType.UINT8: 8}
 TILES = (64, 32, 16)  # columns per packed block, widest first
 MIN_BLOCKS = 16  # a tile narrower than the widest keeps >= this many parallel blocks (2-16 cores busy)
@@ -102,7 +103,7 @@ def pack_float(w: np.ndarray) -> PackedWeight | None:
     tile = choose_tile(n, 32)
     if tile is None:
         return None
-    bits = 16 if w.dtype == np.float16 else 32
+    bits = 8 * w.dtype.itemsize  # float32, float16 or bfloat16 (ml_dtypes)
     return PackedWeight(pack_columns(w, tile), None, None,
                         {"K": k, "N": n, "tile": tile, "bits": bits, "block_size": 0, "code_offset": 0})
 
@@ -175,6 +176,12 @@ def _packed_weight(graph: ir.Graph, matmul: ir.Node, skipped: list[str]) -> Pack
         if not _constant(graph, weight) or weight.dtype != ir.DataType.FLOAT or len(weight.shape) != 2:
             return None
         packed = pack_float(weight.const_value.numpy())
+    elif producer.op_type == "Cast" and producer.domain == "":
+        stored = producer.inputs[0]
+        if (not _constant(graph, stored) or stored.dtype not in _HALF or len(stored.shape) != 2
+                or not _only_use(stored, producer) or producer.attributes.get_int("to", 0) != ir.DataType.FLOAT):
+            return None
+        packed = pack_float(stored.const_value.numpy())
     elif producer.op_type == "DequantizeLinear" and producer.domain == "":
         packed = _packed_dequantize(graph, producer)
     else:

@@ -102,7 +102,8 @@ def _take_weights(func: relax.Function, weights: dict[str, np.ndarray]) -> list[
     for value, var in zip(values, weight_vars):
         # Stored values can differ in rank from the declared parameter (0-d scalars come back as [1]).
         array = value.numpy().reshape([int(d) for d in var.ty.shape])
-        if var.name in weights and not np.array_equal(weights[var.name], array):
+        if var.name in weights and (weights[var.name].dtype != array.dtype
+                                    or not np.array_equal(weights[var.name], array)):
             raise KvcError(f"TVM import: weight {var.name} differs between prefill and decode")
         weights[var.name] = array
     return [v.name for v in weight_vars]

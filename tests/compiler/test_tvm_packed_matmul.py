@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import zlib
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -31,8 +32,8 @@ def packed_and_reference(scheme: str, k: int, n: int, rng) -> tuple[PackedWeight
     w = rng.standard_normal((k, n)).astype(np.float32)
     if scheme == "fp32":
         return pack_float(w), w
-    if scheme == "fp16":
-        half = w.astype(np.float16)
+    if scheme in ("fp16", "bf16"):
+        half = w.astype(np.float16 if scheme == "fp16" else ml_dtypes.bfloat16)
         return pack_float(half), half.astype(np.float32)
     kind, symmetry, block = scheme.split("-")  # e.g. int4-asym-128
     bits, symmetric, block = int(kind[3:]), symmetry == "sym", int(block)
@@ -72,7 +73,7 @@ def run(packed: PackedWeight, x: np.ndarray, rows: tuple, residual: np.ndarray |
     return out.numpy()
 
 
-SCHEMES = ["fp32", "fp16", "int8-sym-32", "int8-asym-128", "int4-sym-32", "int4-sym-128", "int4-asym-32",
+SCHEMES = ["fp32", "fp16", "bf16", "int8-sym-32", "int8-asym-128", "int4-sym-32", "int4-sym-128", "int4-asym-32",
            "int4-asym-128"]
 
 
@@ -85,7 +86,7 @@ def test_packed_matmul_equals_numpy(scheme, batch, seq, k, n):
     rng = np.random.default_rng(zlib.crc32(f"{scheme}-{batch}-{seq}".encode()))
     packed, w = packed_and_reference(scheme, k, n, rng)
     np.testing.assert_array_equal(unpack(packed), w)  # the layout round-trips exactly
-    code_bytes = {"fp32": 4, "fp16": 2, "int8": 1, "int4": 0.5}[scheme.split("-")[0]]
+    code_bytes = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}[scheme.split("-")[0]]
     assert packed.codes.nbytes == k * n * code_bytes  # stored at the scheme's width
     b, s = tirx.Var("batch", "int64"), tirx.Var("seq", "int64")
     rows = (b, i64(1)) if seq == 1 else (b, s)

@@ -50,7 +50,7 @@ CASES = {
     "int4": WeightQuantOptions(WeightDtype.INT4, block_size=32),
     "int4-asym-128": WeightQuantOptions(WeightDtype.INT4, block_size=128, symmetric=False),
 }
-TVM_CASES = ["fp16", "int4", "int4-asym-128"]  # TVM builds cost ~25 s each on the loaded 2-core machine
+TVM_CASES = ["fp16", "bf16", "int4", "int4-asym-128"]  # TVM builds cost ~25 s each on the loaded 2-core machine
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,12 @@ def test_tvm_engine_equals_the_same_scheme_reference(case, exported, references,
     artifact = compile_to(exported("tiny")[2], tmp_path / "q.kvc", "tvm", CASES[case])
     worst = worst_difference(load(artifact), references(case))
     assert worst <= TOLERANCE, f"{case}: max |tvm - reference| = {worst:.2e}"
+    if case in ("fp16", "bf16"):  # the weight matmuls read the half-width weights themselves, packed
+        from safetensors import safe_open
+
+        with safe_open(str(artifact / "params.safetensors"), "np") as params:
+            stored = {name: params.get_slice(name).get_dtype() for name in params.keys() if name.endswith(".packed")}
+        assert len(stored) >= 7 and set(stored.values()) == {"F16" if case == "fp16" else "BF16"}, stored
 
 
 def test_the_reference_is_not_the_fp32_model(exported, references, compiled):
