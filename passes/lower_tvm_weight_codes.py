@@ -20,10 +20,12 @@ Patterns (W, q, s, zp constant initializers read by nothing else):
      scale       [N/T, ceil(K/B), T] float32; zero_point [N/T, ceil(K/B), T] uint8 (asymmetric only)
   meaning  Y = X @ W,  W[k, n] = (code[k, n] - zp) * scale[k // B, n], zp = zero_point[k // B, n] or
            code_offset when there is none (8 for int4: signed codes are stored + 8, unsigned nibbles).
-A quantized embedding table E [V, H] (blocks along H) is W = E^T [K = H, N = V] in this form, stored once:
-  MatMul(X, Transpose(DequantizeLinear(q [V, H], s, zp?, axis=1, block_size=B), perm=[1, 0]))  (tied lm_head)
+A quantized embedding table E [V, H] (blocks along H), or an fp16/bf16 one, is W = E^T [K = H, N = V] in this
+form, stored once:
+  MatMul(X, Transpose(DequantizeLinear(q [V, H], s, zp?, axis=1, block_size=B), perm=[1, 0]))  (tied lm_head;
+                                                                         or Transpose(Cast(E [V, H] half)))
   -> PackedMatMul(X, codes, scale?, zero_point?)
-  Gather(DequantizeLinear(q [V, H], ...), ids)  -> PackedGather(codes, ids, scale?, zero_point?)
+  Gather(DequantizeLinear(q [V, H], ...) or Cast(E half), ids)  -> PackedGather(codes, ids, scale?, zero_point?)
      same attributes; Y[..., h] = W[h, ids[...]] (non-negative ids): only the looked-up rows are decoded
 The TVM converter is kvc.compiler.tvm.converters.packed_matmul, the schedule
 kvc.compiler.tvm.schedules.cpu_packed_matmul.
@@ -133,8 +135,10 @@ class LowerTvmWeightCodesPass(KvcPass):
         report = PassReport(self.name)
         graph = model.graph
         skipped: list[str] = []
-        for dq in [n for n in graph if n.op_type == "DequantizeLinear" and n.domain == ""]:
-            report.matched += _pack_table(graph, dq)
+        for source in [n for n in graph if n.op_type == "DequantizeLinear" and n.domain == ""]:
+            report.matched += _pack_table(graph, source)
+        for table in [v for v in graph.initializers.values() if v.dtype in _HALF]:
+            report.matched += _pack_half_table(graph, table)
         for node in list(graph):
             if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
                 continue
@@ -210,42 +214,94 @@ def _packed_dequantize(graph: ir.Graph, dq: ir.Node) -> PackedWeight | None:
                           scale.const_value.numpy(), None if signed else zp, block)
 
 
-def _pack_table(graph: ir.Graph, dq: ir.Node) -> int:
-    """A blocked-along-H table read only by Gathers and transposed by tied lm_heads: packed once as W = E^T;
-    the number of nodes rewritten (0 when the table is not in that form)."""
-    codes, scale = dq.inputs[0], dq.inputs[1]
-    zero_point = dq.inputs[2] if len(dq.inputs) > 2 else None
-    if (not _constant(graph, codes) or codes.dtype not in _BITS or len(codes.shape) != 2 or len(codes.uses()) != 1
-            or dq.attributes.get_int("block_size", 0) <= 0 or dq.attributes.get_int("axis", 1) % 2 != 1
-            or not _constant(graph, scale) or scale.dtype != ir.DataType.FLOAT
-            or (zero_point is not None and not _constant(graph, zero_point)) or dq.outputs[0].is_graph_output()):
+def _pack_table(graph: ir.Graph, source: ir.Node) -> int:
+    """A table read only by Gathers and transposed by tied lm_heads through the DequantizeLinear ``source``
+    (blocked along H): packed once as W = E^T; the number of nodes rewritten (0 when the table is not in that
+    form)."""
+    if source.outputs[0].is_graph_output():
         return 0
     gathers, matmuls = [], []
-    for use in dq.outputs[0].uses():
+    for use in source.outputs[0].uses():
         node = use.node
         if node.op_type == "Gather" and node.domain == "" and use.idx == 0 and node.attributes.get_int("axis", 0) == 0:
             gathers.append(node)
-        elif (node.op_type == "Transpose" and node.domain == "" and list(node.attributes.get_ints("perm", [])) == [1, 0]
-              and not node.outputs[0].is_graph_output()
-              and all(u.node.op_type == "MatMul" and u.node.domain == "" and u.idx == 1 for u in node.outputs[0].uses())):
+        elif _tied_transpose(node):
             matmuls += [u.node for u in node.outputs[0].uses()]
         else:
             return 0
-    signed = codes.dtype in (ir.DataType.INT4, ir.DataType.INT8)
-    zp = None if zero_point is None else zero_point.const_value.numpy().astype(np.int32)
-    if signed and zp is not None and np.any(zp):
-        return 0
-    packed = pack_quantized(codes.const_value.numpy().astype(np.int32).T, _BITS[codes.dtype], signed,
-                            scale.const_value.numpy().T, None if signed or zp is None else zp.T,
-                            dq.attributes.get_int("block_size"))
+    packed = _table_packing(graph, source)  # after the uses: packing a large table costs a copy
     if packed is None:
         return 0
-    weights = _packed_initializers(graph, packed, codes.name)
+    weights = _packed_initializers(graph, packed, source.inputs[0].name)
     for matmul in matmuls:
         _replace_node(graph, matmul, PACKED_MATMUL_OP, [matmul.inputs[0], *weights], packed.attributes)
     for gather in gathers:
         _replace_node(graph, gather, PACKED_GATHER_OP, [weights[0], gather.inputs[1], *weights[1:]], packed.attributes)
     return len(matmuls) + len(gathers)
+
+
+def _table_packing(graph: ir.Graph, source: ir.Node) -> PackedWeight | None:
+    """W = E^T packed, for a table E [V, H] that the DequantizeLinear ``source`` decodes (all of E's reads go
+    through it)."""
+    table = source.inputs[0] if source.inputs else None
+    if source.domain != "" or not _constant(graph, table) or len(table.shape) != 2 or len(table.uses()) != 1:
+        return None
+    scale = source.inputs[1]
+    zero_point = source.inputs[2] if len(source.inputs) > 2 else None
+    if (table.dtype not in _BITS or source.attributes.get_int("block_size", 0) <= 0
+            or source.attributes.get_int("axis", 1) % 2 != 1
+            or not _constant(graph, scale) or scale.dtype != ir.DataType.FLOAT
+            or (zero_point is not None and not _constant(graph, zero_point))):
+        return None
+    signed = table.dtype in (ir.DataType.INT4, ir.DataType.INT8)
+    zp = None if zero_point is None else zero_point.const_value.numpy().astype(np.int32)
+    if signed and zp is not None and np.any(zp):
+        return None
+    return pack_quantized(table.const_value.numpy().astype(np.int32).T, _BITS[table.dtype], signed,
+                          scale.const_value.numpy().T, None if signed or zp is None else zp.T,
+                          source.attributes.get_int("block_size"))
+
+
+def _pack_half_table(graph: ir.Graph, table: ir.Value) -> int:
+    """An fp16/bf16 table E [V, H] as --weights fp16/bf16 stores it: rows read by Cast(Gather(E, ids)), a tied
+    lm_head by MatMul(X, Transpose(Cast(E))). Packed once as W = E^T, read by PackedGather / PackedMatMul, so
+    no step widens or transposes the whole table; the number of nodes rewritten (0: not that form)."""
+    if not _constant(graph, table) or len(table.shape) != 2 or table.is_graph_output():
+        return 0
+    row_casts, matmuls = [], []
+    for use in table.uses():
+        node, out = use.node, use.node.outputs[0]
+        users = [u.node for u in out.uses()]
+        if out.is_graph_output() or node.domain != "" or use.idx != 0:
+            return 0
+        if node.op_type == "Gather" and node.attributes.get_int("axis", 0) == 0 and len(users) == 1 \
+                and _casts_to_float(users[0]):
+            row_casts.append((node, users[0]))
+        elif _casts_to_float(node) and users and all(_tied_transpose(u) for u in users):
+            matmuls += [m.node for u in users for m in u.outputs[0].uses()]
+        else:
+            return 0
+    packed = pack_float(table.const_value.numpy().T)
+    if packed is None:
+        return 0
+    (codes,) = _packed_initializers(graph, packed, table.name)
+    for matmul in matmuls:
+        _replace_node(graph, matmul, PACKED_MATMUL_OP, [matmul.inputs[0], codes], packed.attributes)
+    for gather, cast in row_casts:
+        _replace_node(graph, cast, PACKED_GATHER_OP, [codes, gather.inputs[1]], packed.attributes)
+    return len(matmuls) + len(row_casts)
+
+
+def _casts_to_float(node: ir.Node) -> bool:
+    return node.op_type == "Cast" and node.domain == "" and node.attributes.get_int("to", 0) == ir.DataType.FLOAT
+
+
+def _tied_transpose(node: ir.Node) -> bool:
+    """Transpose(perm [1, 0]) read only as the B input of MatMuls."""
+    out = node.outputs[0]
+    return (node.op_type == "Transpose" and node.domain == "" and list(node.attributes.get_ints("perm", [])) == [1, 0]
+            and not out.is_graph_output() and bool(out.uses())
+            and all(u.node.op_type == "MatMul" and u.node.domain == "" and u.idx == 1 for u in out.uses()))
 
 
 def _packed_initializers(graph: ir.Graph, packed: PackedWeight, base: str) -> list[ir.Value]:

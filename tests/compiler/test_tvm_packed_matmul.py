@@ -164,10 +164,11 @@ def test_packed_engine_equals_onnx_runtime(compiled):
     assert worst <= 1e-4, f"max |tvm packed - ort| = {worst:.2e}"
 
 
-def test_tied_int4_table_is_packed_once_and_equals_the_same_scheme_reference(exported, tmp_path):
-    """tiny-qwen2 (tied lm_head), int4 symmetric, block 32: the table is stored once, packed two codes per
-    byte, read by PackedGather (lookups) and PackedMatMul (lm_head); logits equal the fp32 export with the
-    same scheme's decoded weights on ONNX Runtime within 2e-4."""
+@pytest.mark.parametrize("scheme", ["int4", "bf16"])
+def test_tied_table_is_packed_once_and_equals_the_same_scheme_reference(exported, tmp_path, scheme):
+    """tiny-qwen2 (tied lm_head), int4 symmetric block 32 or bf16: the table is stored once, packed (int4: two codes
+    per byte), read by PackedGather (lookups) and PackedMatMul (lm_head), never widened or transposed whole at run
+    time; logits equal the fp32 export with the same scheme's decoded weights on ONNX Runtime within 2e-4."""
     from safetensors.numpy import load_file
 
     from kvc.contract import PARAMS_FILE, WeightDtype
@@ -175,14 +176,16 @@ def test_tied_int4_table_is_packed_once_and_equals_the_same_scheme_reference(exp
     from kvc.runtime import load
     from tests.compiler.test_weight_precision import compile_to, same_scheme_export, worst_difference
 
-    options = WeightQuantOptions(WeightDtype.INT4, block_size=32)
+    options = WeightQuantOptions(WeightDtype.INT4, block_size=32) if scheme == "int4" else WeightQuantOptions(
+        WeightDtype.BF16)
     onnx_path = exported("tiny-qwen2")[2]
     artifact = compile_to(onnx_path, tmp_path / "q.kvc", "tvm", options)
     assert _pass_report(artifact, "lower_tvm_weight_codes")["matched"] == 2 * 7 + 2  # + lm_head and lookup
     tables = [(n, a) for n, a in load_file(str(artifact / PARAMS_FILE)).items() if "embed_tokens" in n]
+    assert len(tables) == (1 if scheme == "bf16" else 2), [(n, a.shape) for n, a in tables]  # (int4: + scales)
     codes = [a for n, a in tables if n.endswith(".packed")]
-    assert len(codes) == 1 and codes[0].dtype == np.uint8 and codes[0].size == 256 * 64 // 2, \
-        [(n, a.shape) for n, a in tables]
+    size, dtype = (256 * 64 // 2, np.uint8) if scheme == "int4" else (256 * 64, ml_dtypes.bfloat16)
+    assert len(codes) == 1 and codes[0].dtype == dtype and codes[0].size == size, [(n, a.shape) for n, a in tables]
     reference = load(compile_to(same_scheme_export(onnx_path, tmp_path / "ref", options), tmp_path / "ref.kvc"))
     worst = worst_difference(load(artifact), reference)
     assert worst <= 2e-4, f"max |tvm int4 - reference| = {worst:.2e}"
