@@ -47,6 +47,11 @@ def const_ints(value: ir.Value | None) -> list[int] | None:
     return [int(v) for v in array.reshape(-1)]
 
 
+def has_subgraph(node: ir.Node) -> bool:
+    """Control flow (If, Loop, Scan): a graph-valued attribute."""
+    return any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
+
+
 def attr_int(node: ir.Node, name: str, default: int) -> int:
     attr = node.attributes.get(name)
     return default if attr is None else attr.as_int()
@@ -182,7 +187,7 @@ class _SliceBuilder:
             # The shape of something outside the slice: use its declared (symbolic) shape.
             self.constants[value.name] = self._shape_of(node)
             return
-        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+        if has_subgraph(node):
             raise ProbeError(f"it contains control flow ({node.op_type})")
         for inp in node.inputs:
             if inp is not None:

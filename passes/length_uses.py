@@ -23,12 +23,14 @@ if they survive into the ring graph, the ring pass names the node that reads the
 """
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from kvc.contract import ATTENTION_MASK, INPUT_IDS, PAST_RE, POSITION_IDS
-from kvc.passes._patterns import ProbeError, SampleDims, attr_int, const_array, run_slice, static_dim
+from kvc.passes._patterns import ProbeError, SampleDims, attr_int, const_array, has_subgraph, run_slice, static_dim
 from kvc.passes.base import KvcPass, PassReport
 
 __all__ = ["LengthUsesFromInputsPass", "PositionsFromInputsPass"]
@@ -159,14 +161,20 @@ def _length_values(graph: ir.Graph, roots: LengthShapes) -> dict[ir.Value, bool]
             if short is not None:
                 lengths[node.outputs[0]] = not np.array_equal(short, long)
             continue
-        if node.domain != "" or not node.inputs or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-                                                       for a in node.attributes.values()):
-            continue
-        read = [i for i in node.inputs if i is not None and const_array(i) is None]
-        if read and all(i in lengths for i in read):
+        read = derived_inputs(node, lengths)
+        if read:  # a node reading constants only is not length arithmetic
             for out in node.outputs:
                 lengths[out] = any(lengths[i] for i in read)
     return lengths
+
+
+def derived_inputs(node: ir.Node, known: Collection[ir.Value]) -> list[ir.Value] | None:
+    """The non-constant inputs of a plain ONNX node (no control flow) when all of them are ``known`` values,
+    so its outputs follow from those (and constants); else None."""
+    if node.domain != "" or has_subgraph(node):
+        return None
+    read = [i for i in node.inputs if i is not None and const_array(i) is None]
+    return read if all(i in known for i in read) else None
 
 
 def _sample_feeds(graph: ir.Graph, roots: LengthShapes, lengths: dict[ir.Value, bool], sizes: tuple[int, int, int]):

@@ -21,9 +21,9 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from kvc.contract import ATTENTION_MASK, INPUT_IDS, PAST_RE, POSITION_IDS
-from kvc.passes._patterns import ProbeError, const_array, const_scalar, run_slice
+from kvc.passes._patterns import ProbeError, const_scalar, has_subgraph, run_slice
 from kvc.passes.cache_crop import GraphWindows
-from kvc.passes.length_uses import LengthShapes
+from kvc.passes.length_uses import LengthShapes, derived_inputs
 
 _MAX_PREFILL = 16  # new tokens in the prefill samples; decode samples reach the model's positions
 _VISIBLE_MAX, _HIDDEN_MAX = 1e-6, -1e4  # an additive mask adds 0 (|x| <= this) or at most -1e4
@@ -35,7 +35,7 @@ class _NoAnswer(Exception):
 
 def graph_mask_windows(model: ir.Model, max_positions: int) -> GraphWindows | None:
     """The window each layer's mask applies, or None when the masks cannot be read that way."""
-    if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for n in model.graph for a in n.attributes.values()):
+    if any(has_subgraph(n) for n in model.graph):
         return None  # optimum's merged If: its masks live in the branches (canonicalize selects one later)
     model = model.clone()  # tensors shared: cheap; shape inference gives the shape reads their dims
     ShapeInferencePass(data_prop=True)(model)
@@ -101,11 +101,7 @@ class _MaskProbe:
                 computable.update(node.outputs)
                 self._shape_reads[node.outputs[0]] = node
                 continue
-            if node.domain != "" or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-                                        for a in node.attributes.values()):
-                continue
-            read = [i for i in node.inputs if i is not None and const_array(i) is None]
-            if all(i in computable for i in read):  # Constant nodes too
+            if derived_inputs(node, computable) is not None:  # Constant nodes too
                 computable.update(node.outputs)
         return computable
 
