@@ -193,7 +193,9 @@ def test_batched_decode_and_single_row_decode_agree(compiled):
         [model.generate(p, params).token_ids for p in prompts]
 
 
-def test_default_build_is_for_this_cpu_and_generic_builds_agree(compiled, exported, tmp_path):
+def test_default_build_is_for_this_cpu_and_generic_builds_agree(compiled, exported, tmp_path, llvm_o3):
+    """The generic build is also at LLVM's default level, as users get it (the suite's other builds are at
+    -O0, tests/conftest.py): the two levels agree too."""
     from kvc.compiler.options import CompileOptions, EngineKind
     from kvc.compiler.pipeline import compile_model
     from kvc.compiler.tvm.target import host_cpu
