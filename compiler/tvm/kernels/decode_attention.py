@@ -138,7 +138,7 @@ def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
                         m[g] = p[0]
                         p[0] = T.if_then_else(p[0] == T.float32(NEG_INF), T.float32(0), p[0])
                         for t in T.vectorized(T.int64(CH)):
-                            scores[g, t] = T.if_then_else(t < valid, exp_f32(scores[g, t] - p[0]), T.float32(0))
+                            scores[g, t] = T.Select(t < valid, exp_f32(scores[g, t] - p[0]), T.float32(0))
                         for lane in T.vectorized(T.int64(SUM_LANES)):
                             part[lane] = T.float32(0)
                         for j in T.serial(T.int64(CH // SUM_LANES)):

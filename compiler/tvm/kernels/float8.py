@@ -2,7 +2,7 @@
 
 TVM 0.27's LLVM lowering of ``astype`` to and from float8 is wrong for zero, subnormals and NaN
 (e.g. e4m3fn 0x00 decodes to 2^-7), and a KV cache is full of small values, so kvc converts itself:
-  decode  normal: rebias the exponent and shift the bits into a float32; subnormal: m * 2^(1-bias-M)
+  decode  shift the bits into a float32 and rebias its exponent (subnormals: one binade up, minus its start)
   encode  round to nearest even on the float32 bits (a carry out of the mantissa bumps the exponent,
           as it should), subnormals rounded as multiples of the smallest step; saturating or not.
 Both are checked against ml_dtypes in tests/compiler/test_tvm_kernels.py.
@@ -45,27 +45,33 @@ FORMATS = {f.dtype: f for f in (E4M3FN, E5M2)}
 
 
 def decode_bits(bits, fmt: Float8Format):
-    """float32 value of an 8-bit code (any integer-typed PrimExpr)."""
+    """float32 value of an 8-bit code (any integer-typed PrimExpr), exactly, with integer operations and
+    two selects that vectorize (attention kernels decode every cached element this way):
+      normal     the magnitude bits shifted into a float32, exponent rebiased by adding (127 - bias) << 23;
+      subnormal  rebiased one higher, the code reads 2^(1-bias) * (1 + m / 2^M); subtracting 2^(1-bias)
+                 leaves m * 2^(1-bias-M) exactly (both terms are float32 numbers of one binade);
+    the sign bit is set last (code 0x80 is -0.0); NaN / inf codes are selected at the end. No denormal
+    float32 is ever formed (those cost microcode assists on some CPUs). Selects, not if_then_else: TVM's
+    vectorizer scalarizes if_then_else (it must not evaluate the branch not taken), and these branches are
+    plain arithmetic."""
     code = bits.astype("uint32")
     m_bits = fmt.mantissa_bits
-    sign = (code >> 7) & tirx.const(1, "uint32")
-    exponent = (code >> m_bits) & tirx.const((1 << fmt.exponent_bits) - 1, "uint32")
-    mantissa = code & tirx.const((1 << m_bits) - 1, "uint32")
-    rebias = tirx.const(FLOAT32_BIAS - fmt.bias, "uint32")
-    normal_bits = ((sign << 31) | ((exponent + rebias) << FLOAT32_MANTISSA)
-                   | (mantissa << (FLOAT32_MANTISSA - m_bits)))
-    normal = tirx.reinterpret("float32", normal_bits)
-    magnitude = mantissa.astype("float32") * tirx.const(fmt.subnormal_step, "float32")
-    subnormal = tirx.if_then_else(sign == tirx.const(1, "uint32"), -magnitude, magnitude)
-    value = tirx.if_then_else(exponent == tirx.const(0, "uint32"), subnormal, normal)
-    all_ones = tirx.const((1 << fmt.exponent_bits) - 1, "uint32")
+    magnitude = code & tirx.const(0x7F, "uint32")
+    subnormal = magnitude < tirx.const(1 << m_bits, "uint32")
+    rebias = tirx.Select(subnormal, tirx.const((FLOAT32_BIAS - fmt.bias + 1) << FLOAT32_MANTISSA, "uint32"),
+                         tirx.const((FLOAT32_BIAS - fmt.bias) << FLOAT32_MANTISSA, "uint32"))
+    shifted = tirx.reinterpret("float32", (magnitude << (FLOAT32_MANTISSA - m_bits)) + rebias)
+    offset = tirx.Select(subnormal, tirx.const(2.0 ** fmt.min_normal_exponent, "float32"), tirx.const(0.0, "float32"))
+    unsigned = tirx.reinterpret("uint32", shifted - offset)
+    value = tirx.reinterpret("float32", unsigned | ((code & tirx.const(0x80, "uint32")) << 24))
+    exponent_ones = tirx.const(((1 << fmt.exponent_bits) - 1) << m_bits, "uint32")
     if fmt.ieee_specials:
-        inf = tirx.if_then_else(sign == tirx.const(1, "uint32"), tirx.const(float("-inf"), "float32"),
-                                tirx.const(float("inf"), "float32"))
-        special = tirx.if_then_else(mantissa == tirx.const(0, "uint32"), inf, tirx.const(float("nan"), "float32"))
-        return tirx.if_then_else(exponent == all_ones, special, value)
-    is_nan = tirx.all(exponent == all_ones, mantissa == tirx.const((1 << m_bits) - 1, "uint32"))
-    return tirx.if_then_else(is_nan, tirx.const(float("nan"), "float32"), value)
+        inf = tirx.Select(code > tirx.const(0x7F, "uint32"), tirx.const(float("-inf"), "float32"),
+                          tirx.const(float("inf"), "float32"))
+        special = tirx.Select(magnitude == exponent_ones, inf, tirx.const(float("nan"), "float32"))
+        return tirx.Select(magnitude >= exponent_ones, special, value)
+    nan_magnitude = tirx.const(0x7F, "uint32")  # exponent and mantissa all ones (e4m3fn has no inf)
+    return tirx.Select(magnitude == nan_magnitude, tirx.const(float("nan"), "float32"), value)
 
 
 def encode_bits(x, fmt: Float8Format, saturate: bool = True):

@@ -118,8 +118,7 @@ def prefill_kernel(spec: PrefillAttentionSpec) -> tirx.PrimFunc:
                                 for d in T.vectorized(T.int64(D)):
                                     acc[r, d] = acc[r, d] * x[1]
                                 for t in T.vectorized(T.int64(CH)):  # exp_f32 vectorizes, T.exp would not
-                                    scores[r, t] = T.if_then_else(t < valid, exp_f32(scores[r, t] - x[0]),
-                                                                  T.float32(0))
+                                    scores[r, t] = T.Select(t < valid, exp_f32(scores[r, t] - x[0]), T.float32(0))
                                 for t in T.serial(T.int64(CH)):
                                     total[r] = total[r] + scores[r, t]
                             else:
