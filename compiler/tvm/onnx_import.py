@@ -52,6 +52,7 @@ class ImportOptions:
     #                                 CPU kernels on llvm, kernels.gpu_attention on CUDA)
     kernel_chunk_size: int = 64  # cache slots per step / per parallel task in those kernels
     prefill_query_tile: int = 16  # queries per parallel task in the prefill kernel
+    hardware_half: bool = False  # the llvm target converts float16 in hardware (F16C): fp8 caches decode through it
 
     @property
     def uses_attention_kernels(self) -> bool:
@@ -116,6 +117,7 @@ class KvcGraphImporter(tvm_onnx.ONNXGraphImporter):
         return NodeContext(attention_kernels=options.uses_attention_kernels,
                            gpu_attention_kernels=options.uses_gpu_attention_kernels,
                            kernel_chunk_size=options.kernel_chunk_size, prefill_query_tile=options.prefill_query_tile,
+                           hardware_half=options.hardware_half and options.target_kind is TargetKind.LLVM,
                            shared=self._shared)
 
 

@@ -63,6 +63,14 @@ def host_cpu() -> str:
     return codegen.llvm_get_system_cpu()
 
 
+def converts_half_in_hardware(target: tvm.target.Target) -> bool:
+    """Whether an llvm target has x86's F16C (float16 <-> float32 conversion instructions); without it LLVM
+    converts each float16 with a library call."""
+    from tvm.target import codegen
+
+    return target.kind.name == "llvm" and bool(codegen.target_has_features("f16c", target))
+
+
 def cuda_codegen_available() -> bool:
     """Whether TVM can generate CUDA code (a GPU is not needed for that, only to run it)."""
     return tvm.get_global_func("target.build.cuda", allow_missing=True) is not None

@@ -1,14 +1,17 @@
 """kvc's own TIR: the exact float8 codec and the flash-decoding attention kernel, on llvm, vs numpy.
 
-* float8: all 256 codes decode like ml_dtypes; encoding of every code, every midpoint between neighbours
-  (ties to even), random values over 7 decades and inf/NaN, saturating and not, matches ml_dtypes bit for bit.
-* decode / prefill attention: random q / caches / masks, per-batch lengths 0, a partial chunk, the full
-  capacity and beyond it (read as the capacity; prefill's causal offset keeps the given length);
+* float8: all 256 codes decode like ml_dtypes (also through the hardware float16 conversion); encoding of every
+  code, every midpoint between neighbours (ties to even), random values over 7 decades and inf/NaN, saturating
+  and not, matches ml_dtypes bit for bit.
+* decode / prefill attention (built for generic x86-64 and for this CPU, whose F16C decodes fp8 caches through
+  float16): random q / caches / masks, per-batch lengths 0, a partial chunk, the full capacity and beyond it (read as the capacity; prefill's causal offset keeps the given length);
   every cache slot at or past a sequence's length is NaN (in the cache, its scales and the mask), so any
   read of one would show; compared with a float64 numpy softmax over the dequantized valid slots:
   atol 1e-5 for float32 math, 2e-3 where the query/output is float16 (half a float16 ulp near 4).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import ml_dtypes
 import numpy as np
@@ -73,6 +76,30 @@ def test_float8_codec_is_exact(dtype, saturate, rng):
         assert np.isnan(got.astype(np.float32)[nan]).all()
 
 
+@pytest.mark.parametrize("dtype", FORMATS)
+def test_float8_decode_through_hardware_half_is_exact(dtype):
+    """decode_bits_via_half (the attention kernels' fp8 read on a CPU with F16C), vectorized as the kernels
+    run it, for all 256 codes."""
+    import tvm
+    from tvm import te
+
+    from kvc.compiler.tvm.kernels import float8
+    from kvc.compiler.tvm.target import TargetSpec, converts_half_in_hardware, host_cpu
+
+    target = TargetSpec(llvm_cpu=host_cpu()).tvm_target()
+    if not converts_half_in_hardware(target):
+        pytest.skip(f"this CPU ({host_cpu()}) has no F16C")
+    codes = te.placeholder((256,), "uint8", name="codes")
+    values = te.compute((256,), lambda i: float8.decode_bits_via_half(codes[i], float8.FORMATS[dtype]), name="values")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([codes, values]))
+    outer, lanes = sch.split(sch.get_loops(sch.get_sblock("values"))[0], [None, 16])
+    sch.vectorize(lanes)
+    kernel = tvm.compile(sch.mod, target=target)
+    out = tvm.runtime.tensor(np.zeros(256, np.float32))
+    kernel(tvm.runtime.tensor(np.arange(256, dtype=np.uint8)), out)
+    assert _same_floats(out.numpy(), np.arange(256, dtype=np.uint8).view(getattr(ml_dtypes, dtype)).astype(np.float32))
+
+
 def _same_floats(a: np.ndarray, b: np.ndarray) -> bool:
     """Equal including NaN positions and the sign of zero."""
     nan = np.isnan(a) | np.isnan(b)
@@ -91,8 +118,10 @@ def _decode_module(spec, for_host_cpu: bool):
     from tvm import relax
 
     from kvc.compiler.tvm.kernels.decode_attention import ScaleLayout, emit_decode_attention
-    from kvc.compiler.tvm.target import TargetSpec, build, host_cpu
+    from kvc.compiler.tvm.target import TargetSpec, build, converts_half_in_hardware, host_cpu
 
+    target = TargetSpec(llvm_cpu=host_cpu() if for_host_cpu else None)
+    spec = dataclasses.replace(spec, hardware_half=converts_half_in_hardware(target.tvm_target()))
     H, K, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
     batch = tvm.tirx.Var("batch", "int64")
     q = relax.Var("q", relax.TensorType((batch, H, 1, D), spec.query_dtype))
@@ -112,7 +141,7 @@ def _decode_module(spec, for_host_cpu: bool):
         with bb.dataflow():
             out = bb.emit_output(emit_decode_attention(bb, spec, q, k, v, lengths, *scales, mask))
         bb.emit_func_output(out)
-    return load_vm(build(bb.get(), TargetSpec(llvm_cpu=host_cpu() if for_host_cpu else None)))
+    return load_vm(build(bb.get(), target))
 
 
 def _quantize(x: np.ndarray, spec, rng):
@@ -212,14 +241,18 @@ def test_decode_attention_matches_numpy(name, for_host_cpu, rng):
 # --- prefill attention ----------------------------------------------------------------------------
 
 def _prefill_module(spec):
+    """Built for this CPU where the spec reads through hardware float16 conversion, else for generic x86-64."""
     import tvm
 
     from kvc.compiler.tvm.kernels.prefill_attention import emit_prefill_attention
-    from kvc.compiler.tvm.target import TargetSpec, build
+    from kvc.compiler.tvm.target import TargetSpec, build, converts_half_in_hardware, host_cpu
 
+    target = TargetSpec(llvm_cpu=host_cpu()) if spec.hardware_half else TargetSpec()
+    if spec.hardware_half and not converts_half_in_hardware(target.tvm_target()):
+        pytest.skip(f"this CPU ({host_cpu()}) has no F16C")
     seq = tvm.tirx.Var("seq", "int64")
     module = attention_module(spec, seq, lambda bb, *args: emit_prefill_attention(bb, spec, *args))
-    return load_vm(build(module, TargetSpec()))
+    return load_vm(build(module, target))
 
 
 def attention_module(spec, seq, emit):
@@ -282,6 +315,9 @@ def _prefill_specs():
                                                     has_mask=True, causal=True, query_tile=8, chunk_size=16),
         "fp8-per-head": PrefillAttentionSpec(4, 1, 32, cache_dtype="float8_e4m3fn", scale_layout=ScaleLayout.PER_HEAD,
                                              softmax_scale=0.3, query_tile=5),
+        "fp8-per-token-hardware-half": PrefillAttentionSpec(4, 2, 16, cache_dtype="float8_e4m3fn",
+                                                            scale_layout=ScaleLayout.PER_TOKEN, causal=True,
+                                                            hardware_half=True),
     }
 
 

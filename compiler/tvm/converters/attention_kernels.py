@@ -55,7 +55,8 @@ def try_attention_kernel(bb: relax.BlockBuilder, q: relax.Expr, k_read: CacheRea
         return None
     common = dict(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, cache_dtype=dtype_of(k_read.stored),
                   scale_layout=k_read.layout, query_dtype=dtype_of(q), has_mask=mask is not None,
-                  chunk_size=context.kernel_chunk_size, softmax_scale=attr.get("scale"))
+                  chunk_size=context.kernel_chunk_size, softmax_scale=attr.get("scale"),
+                  hardware_half=context.hardware_half)
     if decode:
         spec, emit = DecodeAttentionSpec(**common), emit_decode_attention
     else:

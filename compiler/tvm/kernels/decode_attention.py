@@ -63,7 +63,7 @@ def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
     sum_lanes = lane_sum(LANES)
     cache_dtype, q_dtype = spec.cache_dtype, spec.query_dtype
     sm_scale = spec.scale
-    load = slot_loader(spec.cache_dtype, spec.scale_layout)
+    load = slot_loader(spec.cache_dtype, spec.scale_layout, spec.hardware_half)
 
     @T.prim_func(s_tir=True)
     def decode_attention_partial(q_handle: T.handle, k_handle: T.handle, v_handle: T.handle, len_handle: T.handle,

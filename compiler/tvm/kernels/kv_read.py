@@ -45,12 +45,15 @@ def scale_shape(scale_layout: ScaleLayout, num_kv_heads: int, batch, capacity) -
     return (1,)
 
 
-def slot_loader(cache_dtype: str, scale_layout: ScaleLayout):
-    """(cache, scales, b, kv_head, slot, d) -> the float32 value, as a TIR expression."""
+def slot_loader(cache_dtype: str, scale_layout: ScaleLayout, hardware_half: bool = False):
+    """(cache, scales, b, kv_head, slot, d) -> the float32 value, as a TIR expression. ``hardware_half``: the
+    target converts float16 in hardware, so float8 codes decode through it (float8.decode_bits_via_half)."""
+    decode_fp8 = float8.decode_bits_via_half if hardware_half else float8.decode_bits
+
     def raw(cache, b, kh, slot, d):
         value = cache[b, kh, slot, d]
         if cache_dtype == "float8_e4m3fn":
-            return float8.decode_bits(tirx.reinterpret("uint8", value), float8.E4M3FN)
+            return decode_fp8(tirx.reinterpret("uint8", value), float8.E4M3FN)
         return value if cache_dtype == "float32" else value.astype("float32")
 
     def load(cache, scales, b, kh, slot, d):

@@ -47,7 +47,7 @@ def prefill_kernel(spec: PrefillAttentionSpec) -> tirx.PrimFunc:
     sum_lanes = lane_sum(LANES)
     R = G * TS  # rows per task: query head g, query i -> row g * TS + i
     cache_dtype, q_dtype, sm_scale = spec.cache_dtype, spec.query_dtype, spec.scale
-    load = slot_loader(spec.cache_dtype, spec.scale_layout)
+    load = slot_loader(spec.cache_dtype, spec.scale_layout, spec.hardware_half)
 
     @T.prim_func(s_tir=True)
     def prefill_attention(q_handle: T.handle, k_handle: T.handle, v_handle: T.handle, len_handle: T.handle,

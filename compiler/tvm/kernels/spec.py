@@ -22,6 +22,7 @@ class AttentionKernelSpec:
     has_mask: bool = False
     chunk_size: int = 64
     softmax_scale: float | None = None  # None: 1 / sqrt(head_dim)
+    hardware_half: bool = False  # the target converts float16 -> float32 in hardware (x86 F16C); CPU kernels
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
