@@ -43,17 +43,20 @@ def step_times(model, ctx: int, steps: int, batch: int) -> list[float]:
     return [_timed(lambda: model.decode(tokens, past)) for _ in range(steps)]
 
 
-def profile_decode(model, ctx: int, repeats: int = 5) -> None:
-    """Per-kernel time of one TVM decode_b1 step, min over ``repeats`` per call site (the VM's
-    instrument hook around each packed call; VM builtins such as allocations included)."""
+def profile_decode(model, ctx: int, batch: int = 1, repeats: int = 5) -> None:
+    """Per-kernel time of one TVM decode step (decode_b1 at batch 1, else the batched decode entry), min over
+    ``repeats`` per call site (the VM's instrument hook around each packed call; VM builtins such as
+    allocations included)."""
     import tvm
     from tvm import relax
 
     engine = model.engine
     vm = relax.VirtualMachine(tvm.runtime.load_module(engine.root_lib), engine.device)
     dev = engine.device
-    args = [tvm.runtime.tensor(np.ones((1, 1), np.int64), dev), tvm.runtime.tensor(np.full((1, 1), ctx, np.int64), dev),
-            tvm.runtime.tensor(np.full((1,), ctx, np.int64), dev), *engine._views(1), *engine.entry_params["decode_b1"]]
+    entry = "decode_b1" if batch == 1 else "decode"
+    args = [tvm.runtime.tensor(np.ones((batch, 1), np.int64), dev),
+            tvm.runtime.tensor(np.full((batch, 1), ctx, np.int64), dev),
+            tvm.runtime.tensor(np.full((batch,), ctx, np.int64), dev), *engine._views(batch), *engine.entry_params[entry]]
     calls: list[list] = []  # per repeat: (name, seconds) in call order
     started: list[float] = []
 
@@ -67,9 +70,9 @@ def profile_decode(model, ctx: int, repeats: int = 5) -> None:
     vm.set_instrument(instrument)
     for _ in range(repeats + 1):
         calls.append([])
-        vm["decode_b1"](*args)
+        vm[entry](*args)
     plain = relax.VirtualMachine(tvm.runtime.load_module(engine.root_lib), dev)
-    step = min(_timed(lambda: plain["decode_b1"](*args)) for _ in range(repeats))
+    step = min(_timed(lambda: plain[entry](*args)) for _ in range(repeats))
     best: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     for site in range(len(calls[1])):  # the first run warms up
@@ -77,7 +80,7 @@ def profile_decode(model, ctx: int, repeats: int = 5) -> None:
         best[name] += min(run[site][1] for run in calls[1:])
         counts[name] += 1
     total = sum(best.values())
-    print(f"  profile ctx {ctx}: step {step * 1e3:.2f} ms uninstrumented; kernels {total * 1e3:.2f} ms in "
+    print(f"  profile {entry} batch {batch} ctx {ctx}: step {step * 1e3:.2f} ms uninstrumented; kernels {total * 1e3:.2f} ms in "
           f"{sum(counts.values())} calls ({len(counts)} kinds)")
     for name, sec in sorted(best.items(), key=lambda kv: -kv[1])[:25]:
         print(f"    {sec * 1e3:7.3f} ms {100 * sec / total:5.1f}%  x{counts[name]:<4d} {name}")
@@ -109,10 +112,10 @@ def main() -> None:
             rows[(label, ctx)] = (statistics.median(times), min(times))
             print(f"{label:28s} ctx {ctx:5d}: median {1e3 * rows[(label, ctx)][0]:7.2f}  "
                   f"min {1e3 * rows[(label, ctx)][1]:7.2f} ms/token", flush=True)
-        if args.profile and model.manifest.engine == "tvm" and args.batch == 1:
+        if args.profile and model.manifest.engine == "tvm":
             for ctx in args.contexts:
                 if ctx < model.capacity:
-                    profile_decode(model, ctx)
+                    profile_decode(model, ctx, args.batch)
         del model
     labels = list(dict.fromkeys(label for label, _ in rows))
     if len(labels) > 1:
