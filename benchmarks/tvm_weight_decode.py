@@ -9,8 +9,8 @@ and decodes from --context over the cache as loaded: a decode step's work follow
 the values, so deep contexts and KV dtypes compare without minutes of prefill), then --reps rounds; in
 each round every artifact decodes --steps tokens (its own greedy continuation is not needed for
 timing: a fixed token is fed). Reports the median ms/token per artifact, its ratio to --baseline, the
-weight bytes it stores (params.safetensors) and the GB/s those bytes imply. Artifacts built by
-another kvc version load with this one's runtime as long as their manifest format matches.
+weight bytes it stores (TVM: params.safetensors; ORT: the graph's external data) and the GB/s those bytes
+imply. Any engine's artifacts can be compared (e.g. TVM against ORT). Artifacts built by another kvc version load with this one's runtime as long as their manifest format matches.
 """
 from __future__ import annotations
 
@@ -24,6 +24,12 @@ import numpy as np
 
 from kvc.contract import PARAMS_FILE
 from kvc.runtime.model import LoadOptions, load
+
+
+def stored_weight_bytes(artifact: Path) -> int:
+    """Bytes of the artifact's weights: the TVM engine's params file, or the ORT engine's external data."""
+    files = [artifact / PARAMS_FILE] if (artifact / PARAMS_FILE).exists() else list(artifact.glob("*.onnx.data"))
+    return sum(f.stat().st_size for f in files)
 
 
 def main() -> None:
@@ -68,7 +74,7 @@ def main() -> None:
           f"{len(os.sched_getaffinity(0))} CPUs; ratios vs {baseline}")
     for label, ts in times.items():
         med = statistics.median(ts)
-        weights = (Path(paths[label]) / PARAMS_FILE).stat().st_size
+        weights = stored_weight_bytes(Path(paths[label]))
         print(f"  {label:14s} median {med * 1e3:7.2f} ms/{unit}  min {min(ts) * 1e3:7.2f}  vs {baseline} {med / base:5.3f}"
               f"  params {weights / 1e6:6.1f} MB  {weights / med / 1e9:5.1f} GB/s of stored weights")
 
