@@ -24,7 +24,8 @@ def test_decode_attention_benchmark_checks_every_cache_dtype(monkeypatch, capsys
 
 
 def test_interleaved_decode_benchmark_runs_batched_without_prefill(monkeypatch, capsys, compiled):
-    artifacts = [f"{kv}={compiled('tiny', kv_dtype=kv, capacity=64, engine='tvm')}" for kv in ("fp32", "fp8")]
+    # capacity 96: the artifacts test_tvm_engine.py builds (compiled once per session)
+    artifacts = [f"{kv}={compiled('tiny', kv_dtype=kv, capacity=96, engine='tvm')}" for kv in ("fp32", "fp8")]
     _run(monkeypatch, "tvm_weight_decode.py", *artifacts, "--batch", "2", "--no-prefill", "--context", "40",
          "--steps", "2", "--reps", "2")
     out = capsys.readouterr().out
