@@ -56,7 +56,8 @@ def profile_decode(model, ctx: int, batch: int = 1, repeats: int = 5) -> None:
     entry = "decode_b1" if batch == 1 else "decode"
     args = [tvm.runtime.tensor(np.ones((batch, 1), np.int64), dev),
             tvm.runtime.tensor(np.full((batch, 1), ctx, np.int64), dev),
-            tvm.runtime.tensor(np.full((batch,), ctx, np.int64), dev), *engine._views(batch), *engine.entry_params[entry]]
+            tvm.runtime.tensor(np.full((batch,), ctx, np.int64), dev), *engine._views(batch),
+            *engine.entry_params[entry]]
     calls: list[list] = []  # per repeat: (name, seconds) in call order
     started: list[float] = []
 
@@ -80,8 +81,8 @@ def profile_decode(model, ctx: int, batch: int = 1, repeats: int = 5) -> None:
         best[name] += min(run[site][1] for run in calls[1:])
         counts[name] += 1
     total = sum(best.values())
-    print(f"  profile {entry} batch {batch} ctx {ctx}: step {step * 1e3:.2f} ms uninstrumented; kernels {total * 1e3:.2f} ms in "
-          f"{sum(counts.values())} calls ({len(counts)} kinds)")
+    print(f"  profile {entry} batch {batch} ctx {ctx}: step {step * 1e3:.2f} ms uninstrumented; "
+          f"kernels {total * 1e3:.2f} ms in {sum(counts.values())} calls ({len(counts)} kinds)")
     for name, sec in sorted(best.items(), key=lambda kv: -kv[1])[:25]:
         print(f"    {sec * 1e3:7.3f} ms {100 * sec / total:5.1f}%  x{counts[name]:<4d} {name}")
 

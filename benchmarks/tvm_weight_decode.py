@@ -10,7 +10,8 @@ the values, so deep contexts and KV dtypes compare without minutes of prefill), 
 each round every artifact decodes --steps tokens (its own greedy continuation is not needed for
 timing: a fixed token is fed). Reports the median ms/token per artifact, its ratio to --baseline, the
 weight bytes it stores (TVM: params.safetensors; ORT: the graph's external data) and the GB/s those bytes
-imply. Any engine's artifacts can be compared (e.g. TVM against ORT). Artifacts built by another kvc version load with this one's runtime as long as their manifest format matches.
+imply. Any engine's artifacts can be compared (e.g. TVM against ORT). Artifacts built by another kvc
+version load with this one's runtime as long as their manifest format matches.
 """
 from __future__ import annotations
 
@@ -70,13 +71,14 @@ def main() -> None:
     base = statistics.median(times[baseline])
     fill = "no prefill (cache as loaded)" if args.no_prefill else "after a real prefill"
     unit = "token" if args.batch == 1 else f"step of {args.batch} tokens"
-    print(f"decode at context {args.context} ({fill}), batch {args.batch}, {args.steps} steps x {args.reps} interleaved rounds, "
-          f"{len(os.sched_getaffinity(0))} CPUs; ratios vs {baseline}")
+    print(f"decode at context {args.context} ({fill}), batch {args.batch}, {args.steps} steps x {args.reps} "
+          f"interleaved rounds, {len(os.sched_getaffinity(0))} CPUs; ratios vs {baseline}")
     for label, ts in times.items():
         med = statistics.median(ts)
         weights = stored_weight_bytes(Path(paths[label]))
-        print(f"  {label:14s} median {med * 1e3:7.2f} ms/{unit}  min {min(ts) * 1e3:7.2f}  vs {baseline} {med / base:5.3f}"
-              f"  params {weights / 1e6:6.1f} MB  {weights / med / 1e9:5.1f} GB/s of stored weights")
+        print(f"  {label:14s} median {med * 1e3:7.2f} ms/{unit}  min {min(ts) * 1e3:7.2f}  "
+              f"vs {baseline} {med / base:5.3f}  params {weights / 1e6:6.1f} MB  "
+              f"{weights / med / 1e9:5.1f} GB/s of stored weights")
 
 
 if __name__ == "__main__":

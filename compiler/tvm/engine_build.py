@@ -68,26 +68,31 @@ def _llvm_cpu_names() -> set[str]:
     return set(codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm"})))
 
 
-def import_entry_points(graphs: ir.Model | dict[Entry, ir.Model], target_kind: str = "llvm",
-                        hardware_half: bool = False
+def import_entry_points(graphs: ir.Model | dict[Entry, ir.Model], target: tvm.target.Target | None = None
                         ) -> tuple[tvm.IRModule, dict[str, list[str]], dict[str, np.ndarray]]:
     """Relax module with `prefill` (symbolic seq), `decode` (seq = 1, so GEMV schedules apply) and
     `decode_b1` (seq = 1 and batch = 1: static shapes, the common single-request step); each
     entry's weight parameter names (the entries share one weight set) and all weight values.
     ``graphs``: each entry's graph as kvc.passes.pipeline.lower_entries makes them, or the lowered
-    graph, whose entry graphs are then made here (read, not changed). ``hardware_half``: the llvm target
-    converts float16 in hardware (kvc.compiler.tvm.target.converts_half_in_hardware)."""
+    graph, whose entry graphs are then made here (read, not changed). ``target`` (default: generic llvm)
+    picks CPU or GPU kernels, and whether fp8 caches decode through hardware float16 conversion."""
+    from kvc.compiler.tvm.onnx_import import ImportOptions, from_onnx
+    from kvc.compiler.tvm.target import TargetKind, converts_half_in_hardware
+
+    target = target or tvm.target.Target({"kind": "llvm"})
+    options = ImportOptions(keep_params_in_input=True, in_place_cache_writes=True,
+                            target_kind=TargetKind(target.kind.name), hardware_half=converts_half_in_hardware(target))
     if isinstance(graphs, ir.Model):
         graphs, _ = lower_entries(graphs, EngineKind.TVM)
     prefill = Entry.PREFILL.value
-    prefill_mod = _import(ir.to_proto(graphs[Entry.PREFILL]), target_kind, hardware_half)
+    prefill_mod = from_onnx(ir.to_proto(graphs[Entry.PREFILL]), options=options)
     weights: dict[str, np.ndarray] = {}
     entry_params = {prefill: _take_weights(prefill_mod["main"], weights)}
     bb = relax.BlockBuilder(tvm.IRModule({gv: f for gv, f in prefill_mod.functions.items()
                                           if gv.name_hint != "main"}))
     bb.add_func(prefill_mod["main"].without_attr("params").with_attr("global_symbol", prefill), prefill)
     for entry in DECODE_ENTRIES:
-        mod = _import(ir.to_proto(graphs[entry]), target_kind, hardware_half)
+        mod = from_onnx(ir.to_proto(graphs[entry]), options=options)
         entry_params[entry.value] = _take_weights(mod["main"], weights)
         # the entry's kernels join the module (identical ones are shared); its calls are re-pointed
         renamed = {gv: bb.add_func(func, f"{entry.value}_{gv.name_hint}")
@@ -109,15 +114,6 @@ def _take_weights(func: relax.Function, weights: dict[str, np.ndarray]) -> list[
             raise KvcError(f"TVM import: weight {var.name} differs between prefill and decode")
         weights[var.name] = array
     return [v.name for v in weight_vars]
-
-
-def _import(proto, target_kind: str, hardware_half: bool) -> tvm.IRModule:
-    from kvc.compiler.tvm.onnx_import import ImportOptions, from_onnx
-    from kvc.compiler.tvm.target import TargetKind
-
-    return from_onnx(proto, options=ImportOptions(keep_params_in_input=True, in_place_cache_writes=True,
-                                                  target_kind=TargetKind(target_kind),
-                                                  hardware_half=hardware_half))
 
 
 def lowering_steps() -> list:
@@ -189,9 +185,7 @@ def build_tvm(entry_graphs: dict[Entry, ir.Model], staging: Path, options: Compi
     # The code generator, not a GPU, is what a CUDA build needs (nvcc compiles without a device).
     if options.device is Device.CUDA and tvm.get_global_func("target.build.cuda", allow_missing=True) is None:
         raise KvcError("this TVM build has no CUDA code generator; use --target cpu or a CUDA-enabled TVM")
-    from kvc.compiler.tvm.target import converts_half_in_hardware
-
-    mod, entry_params, weights = import_entry_points(entry_graphs, target.kind.name, converts_half_in_hardware(target))
+    mod, entry_params, weights = import_entry_points(entry_graphs, target)
     if dump is not None:
         dump.write("import", mod)
     database = _tune(mod, target, staging, options, progress)

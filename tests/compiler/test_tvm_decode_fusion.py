@@ -20,7 +20,7 @@ def legalized_entry_points(exported, kv_dtype: str):
     run_passes(model, default_passes(PipelineOptions(capacity=32, kv_dtype=kv_dtype,
                                                      max_positions=config.max_position_embeddings))
                + lowering_passes(EngineKind.TVM))
-    mod, _, _ = import_entry_points(model, "llvm")
+    mod, _, _ = import_entry_points(model)
     with tvm.target.Target({"kind": "llvm"}):
         return relax.transform.LegalizeOps()(mod)
 

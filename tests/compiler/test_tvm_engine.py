@@ -117,7 +117,7 @@ def test_tuned_schedules_replace_the_default_ones(exported, tuned):
     model = load_model_checked(onnx_path)
     run_passes(model, default_passes(PipelineOptions(capacity=32, max_positions=config.max_position_embeddings))
                + lowering_passes(EngineKind.TVM))
-    mod, _, _ = import_entry_points(model, "llvm")
+    mod, _, _ = import_entry_points(model)
     database = ms.database.JSONDatabase(*(str(tuned[0] / "tuning" / n) for n in tuning.DB_FILES))
     with tvm_target(CompileOptions()):
         lowered = tvm.transform.Sequential(lowering_steps())(mod)

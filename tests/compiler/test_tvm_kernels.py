@@ -4,7 +4,8 @@
   code, every midpoint between neighbours (ties to even), random values over 7 decades and inf/NaN, saturating
   and not, matches ml_dtypes bit for bit.
 * decode / prefill attention (built for generic x86-64 and for this CPU, whose F16C decodes fp8 caches through
-  float16): random q / caches / masks, per-batch lengths 0, a partial chunk, the full capacity and beyond it (read as the capacity; prefill's causal offset keeps the given length);
+  float16): random q / caches / masks, per-batch lengths 0, a partial chunk, the full capacity and beyond it
+  (read as the capacity; prefill's causal offset keeps the given length);
   every cache slot at or past a sequence's length is NaN (in the cache, its scales and the mask), so any
   read of one would show; compared with a float64 numpy softmax over the dequantized valid slots:
   atol 1e-5 for float32 math, 2e-3 where the query/output is float16 (half a float16 ulp near 4).
@@ -114,34 +115,13 @@ LENGTHS = np.array([40, 17, 0, 33, 52], np.int64)  # full, partial chunk, empty,
 
 
 def _decode_module(spec, for_host_cpu: bool):
-    import tvm
-    from tvm import relax
-
-    from kvc.compiler.tvm.kernels.decode_attention import ScaleLayout, emit_decode_attention
+    from kvc.compiler.tvm.kernels.decode_attention import emit_decode_attention
     from kvc.compiler.tvm.target import TargetSpec, build, converts_half_in_hardware, host_cpu
 
     target = TargetSpec(llvm_cpu=host_cpu() if for_host_cpu else None)
     spec = dataclasses.replace(spec, hardware_half=converts_half_in_hardware(target.tvm_target()))
-    H, K, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    batch = tvm.tirx.Var("batch", "int64")
-    q = relax.Var("q", relax.TensorType((batch, H, 1, D), spec.query_dtype))
-    k = relax.Var("k", relax.TensorType((batch, K, CAPACITY, D), spec.cache_dtype))
-    v = relax.Var("v", relax.TensorType((batch, K, CAPACITY, D), spec.cache_dtype))
-    lengths = relax.Var("lengths", relax.TensorType((batch,), "int64"))
-    params, scales, mask = [q, k, v, lengths], (None, None), None
-    if spec.scale_layout is not ScaleLayout.NONE:
-        shape = (batch, K, CAPACITY, 1) if spec.scale_layout is ScaleLayout.PER_TOKEN else (K,)
-        scales = tuple(relax.Var(n, relax.TensorType(shape, "float32")) for n in ("k_scale", "v_scale"))
-        params += list(scales)
-    if spec.has_mask:
-        mask = relax.Var("mask", relax.TensorType((batch, 1, 1, CAPACITY), "float32"))
-        params.append(mask)
-    bb = relax.BlockBuilder()
-    with bb.function("main", params):
-        with bb.dataflow():
-            out = bb.emit_output(emit_decode_attention(bb, spec, q, k, v, lengths, *scales, mask))
-        bb.emit_func_output(out)
-    return load_vm(build(bb.get(), target))
+    module = attention_module(spec, 1, lambda bb, *args: emit_decode_attention(bb, spec, *args))
+    return load_vm(build(module, target))
 
 
 def _quantize(x: np.ndarray, spec, rng):
