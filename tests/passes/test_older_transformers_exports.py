@@ -1,8 +1,9 @@
 """torch.onnx.export graphs of older transformers (tests/data/torch_exports, made by make_fixtures.py): transformers
 4.57.6 through the dynamo exporter (the TorchScript one cannot trace it): llama, mistral with an 8-token window and
-gpt2; 4.46.3 through TorchScript: those and qwen2, phi3, gemma, granite, stablelm. The suite's own exports in test_torch_exports_compile.py use the suite's
-transformers. kvc compile with no config.json beside the graph -> 32 greedy tokens equal that transformers' generate
-(reference.json) on 3 prompts, two past the window; ORT engine on all, TVM on a subset. What each needs:
+gpt2; 4.46.3 through both exporters: those and qwen2, phi3, gemma, granite, stablelm. The suite's own exports in
+test_torch_exports_compile.py use the suite's transformers. kvc compile with no config.json beside the graph -> 32
+greedy tokens equal that transformers' generate (reference.json) on 3 prompts, two past the window; ORT engine on
+all, TVM on a subset. What each needs:
 * 4.57 GPT-2 masks its scores with Where(causal bias, scores, lowest) and the dynamo exporter sizes its second
   layer's rows from the past length (kvc.passes.length_uses);
 * 4.57 mistral crops its caches to the window (kvc.passes.cache_crop); 4.46 mistral applies it in the mask only
@@ -19,7 +20,10 @@ import pytest
 DATA = Path(__file__).resolve().parents[1] / "data" / "torch_exports"
 ROTARY_LAYERS = {"llama_dynamo": 4, "mistral_window8_dynamo": 4, "gpt2_dynamo": 0,  # q and k of 2 layers
                  "tf446_llama_torchscript": 4, "tf446_mistral_window8_torchscript": 4, "tf446_gpt2_torchscript": 0,
-                 **{f"tf446_{arch}_torchscript": 4 for arch in ("qwen2", "phi3", "gemma", "granite", "stablelm")}}
+                 **{f"tf446_{arch}_torchscript": 4 for arch in ("qwen2", "phi3", "gemma", "granite", "stablelm")},
+                 **{f"tf446_{arch}_dynamo": 4 for arch in ("llama", "mistral_window8", "qwen2", "phi3", "gemma",
+                                                           "granite", "stablelm")},
+                 "tf446_gpt2_dynamo": 0}
 CAPACITY = 64
 
 

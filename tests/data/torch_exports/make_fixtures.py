@@ -13,7 +13,7 @@ gemma, granite, stablelm), exported with
 ``torch.onnx.export`` exactly as tests/passes/_hf_exports.py exports the suite's own (past KV as explicit inputs and
 outputs, opset 18, no config.json beside the graph). transformers 4.57.6: the dynamo exporter only (the TorchScript
 exporter cannot trace its masks, built with torch.vmap: ``RuntimeError: unordered_map::at`` in the tracer).
-transformers 4.46.3: the TorchScript exporter (its caches are passed in the legacy tuple form that version reads).
+transformers 4.46.3: both exporters (its caches are passed in the legacy tuple form that version reads).
 Models and prompts are the optimum fixtures' (same configs, same numpy-seeded weights, so the graphs are small).
 Kept per case: model.onnx.gz (weights inline) and reference.json: transformers' greedy ``generate`` (32 new tokens,
 EOS ignored) for the prompts, computed here with that transformers.
@@ -34,7 +34,7 @@ TESTS = HERE.parents[1]
 # name -> (optimum fixture config, exporter, transformers version it is made with)
 CASES = {"llama_dynamo": ("llama", "dynamo", "4.57"), "mistral_window8_dynamo": ("mistral_window8", "dynamo", "4.57"),
          "gpt2_dynamo": ("gpt2", "dynamo", "4.57"),
-         **{f"tf446_{arch}_torchscript": (arch, "torchscript", "4.46")
+         **{f"tf446_{arch}_{exporter}": (arch, exporter, "4.46") for exporter in ("torchscript", "dynamo")
             for arch in ("llama", "mistral_window8", "gpt2", "qwen2", "phi3", "gemma", "granite", "stablelm")}}
 
 
