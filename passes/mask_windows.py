@@ -10,9 +10,12 @@ to the model's positions with one new token (a decode row is all a window needs)
 is visible where every part lets it through (0 added, the Where keeps the score). The visible keys of each
 query at position q must be q - W + 1 .. q for one W (or 0 .. q: no window seen within the positions).
 
-Anything else (a mask reading tensor data, values other than 0 and a large negative, keys after the query,
-holes, widths that no single W explains) gives no answer: the caller then relies on the other sources of the
-window and on compile's check against the original graph.
+Masks that hide keys behind some queries but not the same way behind all of them (widths that no single W
+explains: transformers 4.46's Gemma2 exported with a DynamicCache windows its prefills and not its decode steps)
+are refused: compiling them as full attention, or with either width, would silently change what the graph
+computes for some prompts. Anything else (a mask reading tensor data, values other than 0 and a large negative,
+keys after the query, holes) gives no answer: the caller then relies on the other sources of the window and on
+compile's check against the original graph.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from kvc.contract import ATTENTION_MASK, INPUT_IDS, PAST_RE, POSITION_IDS
+from kvc.errors import GraphError
 from kvc.passes._patterns import ProbeError, const_scalar, has_subgraph, run_slice
 from kvc.passes.cache_crop import GraphWindows
 from kvc.passes.length_uses import LengthShapes, derived_inputs
@@ -31,6 +35,13 @@ _VISIBLE_MAX, _HIDDEN_MAX = 1e-6, -1e4  # an additive mask adds 0 (|x| <= this) 
 
 class _NoAnswer(Exception):
     pass
+
+
+class _Contradiction(Exception):
+    """Two samples that no single window explains: each a sentence saying what its query saw."""
+
+    def __init__(self, first: str, second: str):
+        super().__init__(f"{first}, but {second}")
 
 
 def graph_mask_windows(model: ir.Model, max_positions: int) -> GraphWindows | None:
@@ -46,10 +57,18 @@ def graph_mask_windows(model: ir.Model, max_positions: int) -> GraphWindows | No
     if INPUT_IDS not in inputs or not layers or len(softmaxes) != layers:
         return None
     probe = _MaskProbe(graph, inputs, max_positions)
-    try:
-        windows = tuple(probe.window(_mask_parts(node.inputs[0], probe.computable)) for node in softmaxes)
-    except _NoAnswer:
-        return None
+    windows = []
+    for layer, node in enumerate(softmaxes):
+        try:
+            windows.append(probe.window(_mask_parts(node.inputs[0], probe.computable)))
+        except _NoAnswer:
+            return None
+        except _Contradiction as conflict:
+            raise GraphError(f"the attention mask before Softmax {node.name!r} (layer {layer}) applies no single "
+                             f"sliding window: {conflict}. kvc cannot carry such a mask into a ring cache (transformers "
+                             f"4.46's Gemma2 exported with a DynamicCache does this: its window is measured from the "
+                             f"first new token, not from position 0); export the graph with a transformers whose "
+                             f"masks apply the model's window at every past length") from None
     return GraphWindows(windows[0]) if len(set(windows)) == 1 else GraphWindows(None, windows)
 
 
@@ -123,7 +142,7 @@ class _MaskProbe:
         return self._windows[key]
 
     def _fit(self, parts: list[tuple[ir.Value, str]]) -> int | None:
-        at_least, exact = 1, None
+        widest_full, exact = None, None  # (width, what was seen) of a query seeing every key / fewer keys
         for past, new in self.samples:
             visible = self._visible_keys(parts, past, new)
             for i in range(new):
@@ -132,16 +151,17 @@ class _MaskProbe:
                 seen = np.flatnonzero(row)
                 if row[query + 1:].any() or not seen.size or seen[-1] != query or seen.size != query - seen[0] + 1:
                     raise _NoAnswer  # not causal, or holes
-                width = seen.size
+                width, seen_as = seen.size, _sample_text(past, new, query, seen.size)
                 if seen[0] == 0:
-                    at_least = max(at_least, width)
-                elif exact not in (None, width):
-                    raise _NoAnswer
-                else:
-                    exact = width
-        if exact is not None and exact < at_least:
-            raise _NoAnswer
-        return exact
+                    if widest_full is None or width > widest_full[0]:
+                        widest_full = (width, seen_as)
+                elif exact is None:
+                    exact = (width, seen_as)
+                elif exact[0] != width:
+                    raise _Contradiction(exact[1], seen_as)
+        if exact is not None and widest_full is not None and exact[0] < widest_full[0]:
+            raise _Contradiction(exact[1], widest_full[1])
+        return None if exact is None else exact[0]
 
     def _visible_keys(self, parts: list[tuple[ir.Value, str]], past: int, new: int) -> np.ndarray:
         """[new, past + new] bool: which keys each new token's query sees."""
@@ -168,3 +188,10 @@ class _MaskProbe:
                 raise _NoAnswer  # differs between rows or heads with no padding: not a plain window
             visible &= rows[0]
         return visible
+
+
+def _sample_text(past: int, new: int, query: int, width: int) -> str:
+    step = (f"a decode step after {past} tokens" if new == 1 else f"a {new}-token prefill" if not past
+            else f"a {new}-token prefill after {past} cached tokens")
+    return f"in {step} the query at position {query} sees the last {width} keys" + (
+        "" if width <= query else " (all of them)")

@@ -40,3 +40,15 @@ def test_a_window_wider_than_the_positions_sampled_is_full_attention():
                                   "torch_exports/tf446_gpt2_torchscript"])
 def test_masks_it_cannot_read_give_no_answer(case):
     assert graph_mask_windows(_load(case), POSITIONS) is None
+
+
+def test_masks_no_single_window_explains_are_refused():
+    """transformers 4.46's Gemma2 fed a DynamicCache: its sliding layers' masks hide keys 8 or more positions
+    behind the query in a prefill from position 0, but measure that from the first new token, so later prefills
+    see nearly every key (and decode steps all of them). Full attention or width 8 would each change what the graph
+    computes for some prompts: refused, naming the layer's Softmax and two samples that disagree."""
+    from kvc.errors import GraphError
+
+    with pytest.raises(GraphError, match=r"Softmax '[^']+' \(layer 0\) applies no single sliding window: in a "
+                                         r"16-token prefill the query at position 8 sees the last 8 keys, but .*"):
+        graph_mask_windows(_load("torch_exports/tf446_gemma2_window8_torchscript"), POSITIONS)

@@ -88,6 +88,22 @@ def test_a_config_saying_another_window_than_the_masks_is_refused(tmp_path):
     assert not (tmp_path / "out.kvc").exists()
 
 
+def test_masks_with_no_single_window_are_refused_in_one_line(tmp_path):
+    """4.46 Gemma2 exported with a DynamicCache windows prefills but not decode steps (mask_windows): kvc compile
+    exits non-zero with one line naming the Softmax, and writes nothing."""
+    from click.testing import CliRunner
+
+    from kvc.cli.main import cli
+
+    source = tmp_path / "source"
+    source.mkdir()
+    graph = _unpack("tf446_gemma2_window8_torchscript", source)
+    result = CliRunner().invoke(cli, ["compile", str(graph), "-o", str(tmp_path / "out.kvc"), "--max-seq-len", "64"])
+    assert result.exit_code != 0 and not (tmp_path / "out.kvc").exists()
+    lines = result.output.strip().splitlines()
+    assert "applies no single sliding window" in lines[-1] and "Traceback" not in result.output, result.output
+
+
 def _mistral_config(sliding_window: int) -> dict:
     optimum = DATA.parent / "optimum" / "mistral_window8" / "config.json"
     return dict(json.loads(optimum.read_text()), sliding_window=sliding_window)
