@@ -19,11 +19,16 @@ LLAMA_CPP_PYTHON_VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
 mkdir -p "$P/models" "$P/dl"
 cd "$P"
 
-# 1. The peers' venv. It sees kvc's site-packages (torch and transformers for the ORT-GenAI builder and the GGUF
-#    converter are not downloaded twice); its own onnxruntime shadows kvc's.
+# 1. The peers' venv. It sees kvc's site-packages through a .pth file (torch, transformers and onnx_ir for the
+#    ORT-GenAI builder and the GGUF converter are not downloaded twice); .pth paths come after the venv's own, so its
+#    onnxruntime shadows kvc's. (`venv --system-site-packages` would see the base interpreter's packages, not those
+#    of a venv KVC_PYTHON belongs to.)
 if [ ! -x venv/bin/python ]; then
-  "$KVC_PYTHON" -m venv --system-site-packages venv
+  "$KVC_PYTHON" -m venv venv
 fi
+KVC_SITE=$("$KVC_PYTHON" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+PEERS_SITE=$(venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+echo "$KVC_SITE" > "$PEERS_SITE/kvc-site-packages.pth"
 venv/bin/python -c "import onnxruntime_genai" 2>/dev/null || \
   venv/bin/pip install -q "onnxruntime-genai==$ORTGENAI_VERSION" onnxruntime
 venv/bin/python -c "import gguf, sentencepiece" 2>/dev/null || venv/bin/pip install -q gguf sentencepiece
