@@ -92,10 +92,11 @@ def tune(kernels: tvm.IRModule, target: tvm.target.Target, database, trials: int
              f"(MetaSchedule's per-task table follows)")
     with tempfile.TemporaryDirectory(prefix="kvc-tune-") as work:  # logs and builds stay out of the artifact
         _measure_own_schedules(kernels, target, database, runner, Path(work) / "own")
-        ms.tir_integration.tune_tir(kernels, target, work, max_trials_global=trials,
-                                    num_trials_per_iter=min(64, max(trials // len(names), 2)),
-                                    builder=_in_process_builder(), runner=runner, cost_model=_cost_model(progress),
-                                    database=database, seed=0)
+        per_iter = min(64, max(trials // len(names), 2))
+        cost_model = _cost_model(progress)
+        ms.tir_integration.tune_tir(kernels, target, work, max_trials_global=trials, num_trials_per_iter=per_iter,
+                                    builder=_in_process_builder(), runner=runner, cost_model=cost_model,
+                                    strategy=_search_strategy(cost_model, per_iter), database=database, seed=0)
     progress(f"tvm: tuning done: {len(database.get_all_tuning_records())} measured schedules in the database")
 
 
@@ -170,6 +171,19 @@ def _cost_model(progress) -> str:
     progress("tvm: xgboost is not installed: MetaSchedule ranks candidates at random "
              "(pip install xgboost for its learned cost model)")
     return "random"
+
+
+def _search_strategy(cost_model: str, per_iter: int):
+    """MetaSchedule's evolutionary search; ranked by the random cost model, with a population of a few
+    iterations' worth of candidates instead of 512. Random scores make the measured candidates a uniform pick from
+    the population either way, so the larger one only costs search time (mutating and checking 512 traces per
+    task per iteration)."""
+    from tvm.s_tir.meta_schedule.search_strategy import EvolutionarySearch
+
+    if cost_model != "random":
+        return "evolutionary"
+    population = max(4 * per_iter, 64)
+    return EvolutionarySearch(population_size=population, init_min_unmeasured=min(50, population))
 
 
 def _in_process_builder():
