@@ -2,12 +2,13 @@
 
     python ortgenai_decode.py MODEL_DIR --contexts 128,512 --batch 1 --gen 32 --warmup 1 --reps 5 --seed 0
 
-Per context: a generator with room for context + gen + 1 tokens per sequence gets a random prompt
+Per context: a generator with room for context + gen + 1 tokens per sequence (at most the model's
+context_length: at the deepest contexts fewer steps are timed, and the line says how many) gets a random prompt
 of `context` tokens per row (numpy default_rng(seed), as kvc bench draws them) untimed; the first
 generate_next_token() only picks a token from the prefill's logits and is untimed; then `gen`
 generate_next_token() calls (one decode step + greedy pick each) are timed. Each repetition starts
 from a fresh generator (a real prefill each time: ORT-GenAI has no synthetic fill). Prints one JSON
-line per context: {"context", "batch", "capacity", "step_s": [seconds per step per timed rep]}.
+line per context: {"context", "batch", "capacity", "steps", "step_s": [seconds per step per timed rep]}.
 Threads: ORT-GenAI takes intra_op_num_threads from genai_config.json (run.py writes it).
 """
 from __future__ import annotations
@@ -15,8 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
+
+
+def context_length(model_dir: str) -> int:
+    """The longest sequence the model's generator accepts (genai_config.json's model.context_length)."""
+    return int(json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["context_length"])
 
 
 def time_once(og, model, prompt: np.ndarray, gen: int, capacity: int) -> float:
@@ -45,12 +52,16 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, required=True)
     args = parser.parse_args()
     model = og.Model(args.model_dir)
+    longest = context_length(args.model_dir)
     for context in sorted(int(c) for c in args.contexts.split(",")):
         prompt = np.random.default_rng(args.seed).integers(0, args.vocab, (args.batch, context), dtype=np.int64)
         prompt = prompt.astype(np.int32)
-        capacity = context + args.gen + 1
-        samples = [time_once(og, model, prompt, args.gen, capacity) for _ in range(args.warmup + args.reps)]
-        print(json.dumps({"context": context, "batch": args.batch, "capacity": capacity,
+        capacity = min(context + args.gen + 1, longest)
+        steps = capacity - context - 1  # the first pick after the prompt is not a decode step
+        if steps < 1:
+            raise SystemExit(f"context {context} leaves no decode step within the model's {longest} positions")
+        samples = [time_once(og, model, prompt, steps, capacity) for _ in range(args.warmup + args.reps)]
+        print(json.dumps({"context": context, "batch": args.batch, "capacity": capacity, "steps": steps,
                           "step_s": samples[args.warmup:], "version": og.__version__}), flush=True)
 
 
