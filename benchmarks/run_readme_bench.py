@@ -19,7 +19,8 @@ so 8192 costs seconds; the peers prefill for real. Prefill (real) is timed at 12
 row has the roofline: weights once + every row's live KV in its stored dtype (scales included) over the copy
 bandwidth measured at the start, and the share of that bandwidth reached.
 
-Duration on the project's 2-core machine, estimated (not yet run whole on an idle machine): 35-50 min without
+Duration on the project's 2-core machine: 76.6 min with peers, measured 2026-11-29 (llama.cpp's batch-4 runs
+prefill 4 x 8160 tokens for real: ~15 min of it); estimated 35-50 min without
 peers (kvc compiles at capacity 8192 once for both batches, ~1 min each for ORT and 2-4 min each for TVM; a
 batch-4 step at 8160 moves ~1.6 GB (fp32 KV), the concat baselines copy that cache every step), plus 15-20 min
 with peers (ORT-GenAI and llama.cpp prefill every depth for real, batch 4 x 8160 included). --quick runs a
