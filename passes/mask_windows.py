@@ -38,10 +38,10 @@ class _NoAnswer(Exception):
 
 
 class _Contradiction(Exception):
-    """Two samples that no single window explains: each a sentence saying what its query saw."""
+    """Two queries that no single window explains, each as (past, new, query, width) of its sample."""
 
-    def __init__(self, first: str, second: str):
-        super().__init__(f"{first}, but {second}")
+    def __init__(self, first: tuple[int, int, int, int], second: tuple[int, int, int, int]):
+        super().__init__(f"{_sample_text(*first)}, but {_sample_text(*second)}")
 
 
 def graph_mask_windows(model: ir.Model, max_positions: int) -> GraphWindows | None:
@@ -142,7 +142,7 @@ class _MaskProbe:
         return self._windows[key]
 
     def _fit(self, parts: list[tuple[ir.Value, str]]) -> int | None:
-        widest_full, exact = None, None  # (width, what was seen) of a query seeing every key / fewer keys
+        widest_full, exact = None, None  # (past, new, query, width) of a query seeing every key / fewer keys
         for past, new in self.samples:
             visible = self._visible_keys(parts, past, new)
             for i in range(new):
@@ -151,17 +151,17 @@ class _MaskProbe:
                 seen = np.flatnonzero(row)
                 if row[query + 1:].any() or not seen.size or seen[-1] != query or seen.size != query - seen[0] + 1:
                     raise _NoAnswer  # not causal, or holes
-                width, seen_as = seen.size, _sample_text(past, new, query, seen.size)
+                sample = (past, new, query, seen.size)
                 if seen[0] == 0:
-                    if widest_full is None or width > widest_full[0]:
-                        widest_full = (width, seen_as)
+                    if widest_full is None or seen.size > widest_full[3]:
+                        widest_full = sample
                 elif exact is None:
-                    exact = (width, seen_as)
-                elif exact[0] != width:
-                    raise _Contradiction(exact[1], seen_as)
-        if exact is not None and widest_full is not None and exact[0] < widest_full[0]:
-            raise _Contradiction(exact[1], widest_full[1])
-        return None if exact is None else exact[0]
+                    exact = sample
+                elif exact[3] != seen.size:
+                    raise _Contradiction(exact, sample)
+        if exact is not None and widest_full is not None and exact[3] < widest_full[3]:
+            raise _Contradiction(exact, widest_full)
+        return None if exact is None else exact[3]
 
     def _visible_keys(self, parts: list[tuple[ir.Value, str]], past: int, new: int) -> np.ndarray:
         """[new, past + new] bool: which keys each new token's query sees."""

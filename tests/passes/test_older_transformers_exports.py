@@ -19,11 +19,8 @@ import pytest
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "torch_exports"
 ROTARY_LAYERS = {"llama_dynamo": 4, "mistral_window8_dynamo": 4, "gpt2_dynamo": 0,  # q and k of 2 layers
-                 "tf446_llama_torchscript": 4, "tf446_mistral_window8_torchscript": 4, "tf446_gpt2_torchscript": 0,
-                 **{f"tf446_{arch}_torchscript": 4 for arch in ("qwen2", "phi3", "gemma", "granite", "stablelm")},
-                 **{f"tf446_{arch}_dynamo": 4 for arch in ("llama", "mistral_window8", "qwen2", "phi3", "gemma",
-                                                           "granite", "stablelm")},
-                 "tf446_gpt2_dynamo": 0}
+                 **{f"tf446_{arch}_{exporter}": 0 if arch == "gpt2" else 4 for exporter in ("torchscript", "dynamo")
+                    for arch in ("llama", "mistral_window8", "gpt2", "qwen2", "phi3", "gemma", "granite", "stablelm")}}
 CAPACITY = 64
 
 

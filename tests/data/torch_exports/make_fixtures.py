@@ -39,7 +39,8 @@ CASES = {"llama_dynamo": ("llama", "dynamo", "4.57"), "mistral_window8_dynamo": 
          "tf446_gemma2_window8_torchscript": ("gemma2_window8", "torchscript", "4.46")}
 # Cases with no optimum fixture: configs in the optimum fixtures' style. 4.46's Gemma2 fed a DynamicCache windows
 # its masks from the first new token, so its decode ignores the window: kvc must refuse the graph.
-EXTRA_CONFIGS = {"gemma2_window8": "gemma"}  # arch -> the optimum case it extends (with sliding_window 8)
+EXTRA_CONFIGS = {"gemma2_window8": ("gemma", dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"],
+                                                   sliding_window=8))}  # arch -> (optimum case, what it changes)
 
 
 def _module(name: str, path: Path):
@@ -81,8 +82,8 @@ def build(name: str, work: Path) -> None:
     arch, exporter, version = CASES[name]
     if not transformers.__version__.startswith(version + "."):
         raise SystemExit(f"{name} is made with transformers {version}, this is {transformers.__version__}")
-    config = optimum.CASES[arch] if arch not in EXTRA_CONFIGS else dict(
-        optimum.CASES[EXTRA_CONFIGS[arch]], model_type="gemma2", architectures=["Gemma2ForCausalLM"], sliding_window=8)
+    base, changes = EXTRA_CONFIGS.get(arch, (arch, {}))
+    config = dict(optimum.CASES[base], **changes)
     model = optimum.hf_model(config)
     kv_heads = config.get("num_key_value_heads", config.get("n_head"))
     head_dim = config.get("head_dim", config.get("n_embd", 0) // config.get("n_head", 1))
