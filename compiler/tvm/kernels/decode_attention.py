@@ -6,10 +6,11 @@ they may hold anything, NaN included), plus an optional additive mask. Two kerne
 
   partial  for every (batch, kv head, part of the live slots), in parallel: the live slots
            (lengths[b], never the capacity) are cut into chunks of ``chunk_size`` and the chunks
-           into ``splits`` parts; each slot's key and value are loaded and dequantized once and
-           used by all G = H / K query heads of the group; per head a part keeps its max score
-           m, sum of exp(score - m) and the exp-weighted sum of values (online softmax across
-           its chunks);
+           into ``splits`` parts; each slot's key and value are loaded and converted to float32
+           once and used by all G = H / K query heads of the group (a quantized cache's scales
+           multiply the chunk's scores and weights, not every element); per head a part keeps
+           its max score m, sum of exp(score - m) and the exp-weighted sum of values (online
+           softmax across its chunks);
   merge    for every (batch, head): rescales the parts to the global max and normalizes.
 Step cost thus follows the live context: a cache compiled for 32K slots costs what 256 do at a
 short context.
@@ -29,7 +30,7 @@ from tvm import relax, tirx
 from tvm.script import tirx as T
 
 from kvc.compiler.tvm.kernels.fast_math import exp_f32, lane_sum
-from kvc.compiler.tvm.kernels.kv_read import ScaleLayout, scale_shape, slot_loader, vector_lanes
+from kvc.compiler.tvm.kernels.kv_read import ScaleLayout, code_loader, scale_shape, scaled, vector_lanes
 from kvc.compiler.tvm.kernels.spec import AttentionKernelSpec
 from kvc.compiler.tvm.target import CPU_ONLY_ATTR
 from kvc.errors import KvcError
@@ -63,7 +64,7 @@ def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
     sum_lanes = lane_sum(LANES)
     cache_dtype, q_dtype = spec.cache_dtype, spec.query_dtype
     sm_scale = spec.scale
-    load = slot_loader(spec.cache_dtype, spec.scale_layout, spec.hardware_half)
+    code, layout = code_loader(spec.cache_dtype, spec.hardware_half), spec.scale_layout
 
     @T.prim_func(s_tir=True)
     def decode_attention_partial(q_handle: T.handle, k_handle: T.handle, v_handle: T.handle, len_handle: T.handle,
@@ -117,7 +118,7 @@ def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
                         m_chunk[g] = T.float32(NEG_INF)
                     for t in T.serial(valid):
                         for d in T.vectorized(T.int64(D)):
-                            kv_local[d] = load(KC, KS, b, kh, start + t, d)
+                            kv_local[d] = code(KC, b, kh, start + t, d)
                         for g in T.serial(T.int64(G)):
                             for lane in T.vectorized(T.int64(LANES)):
                                 dot[lane] = T.float32(0)
@@ -125,9 +126,25 @@ def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
                                 for lane in T.vectorized(T.int64(LANES)):
                                     dot[lane] = dot[lane] + q_local[g, j * LANES + lane] * kv_local[j * LANES + lane]
                             sum_lanes(dot)
-                            p[0] = _mask_value(spec, mask, b, start + t) + dot[0]
-                            scores[g, t] = p[0]
-                            m_chunk[g] = T.max(m_chunk[g], p[0])
+                            scores[g, t] = dot[0]
+                    # Key scales, mask and the chunk's max, vectorized over its slots (reads clamped into
+                    # the ring; slots past valid are -inf). A per-token scale multiplies a score, not each
+                    # of the key's D elements: the converts, not the multiplies, bound an int8 cache.
+                    for g in T.serial(T.int64(G)):
+                        for t in T.vectorized(T.int64(CH)):
+                            scores[g, t] = T.Select(
+                                t < valid,
+                                scaled(layout, scores[g, t], KS, b, kh, T.min(start + t, C - 1))
+                                + _mask_value(spec, mask, b, T.min(start + t, C - 1)),
+                                T.float32(NEG_INF))
+                        for lane in T.vectorized(T.int64(SUM_LANES)):
+                            part[lane] = T.float32(NEG_INF)
+                        for j in T.serial(T.int64(CH // SUM_LANES)):
+                            for lane in T.vectorized(T.int64(SUM_LANES)):
+                                part[lane] = T.max(part[lane], scores[g, j * SUM_LANES + lane])
+                        m_chunk[g] = T.float32(NEG_INF)
+                        for lane in T.serial(T.int64(SUM_LANES)):
+                            m_chunk[g] = T.max(m_chunk[g], part[lane])
                     # Online softmax across the part's chunks: rescale what was kept to the new max.
                     # The chunk's weights are vectorized over its slots (exp_f32 vectorizes, T.exp
                     # would be one libm call per slot and head); nothing visible yet keeps zeros.
@@ -149,9 +166,12 @@ def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
                             s[g] = s[g] + part[lane]
                         for d in T.vectorized(T.int64(D)):
                             acc[g, d] = acc[g, d] * alpha[g]
+                        # the weights take the value scales after their sum, which must not
+                        for t in T.vectorized(T.int64(CH)):
+                            scores[g, t] = scaled(layout, scores[g, t], VS, b, kh, T.min(start + t, C - 1))
                     for t in T.serial(valid):
                         for d in T.vectorized(T.int64(D)):
-                            kv_local[d] = load(VC, VS, b, kh, start + t, d)
+                            kv_local[d] = code(VC, b, kh, start + t, d)
                         for g in T.serial(T.int64(G)):
                             for d in T.vectorized(T.int64(D)):
                                 acc[g, d] = acc[g, d] + scores[g, t] * kv_local[d]

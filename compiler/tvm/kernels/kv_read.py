@@ -45,24 +45,35 @@ def scale_shape(scale_layout: ScaleLayout, num_kv_heads: int, batch, capacity) -
     return (1,)
 
 
-def slot_loader(cache_dtype: str, scale_layout: ScaleLayout, hardware_half: bool = False):
-    """(cache, scales, b, kv_head, slot, d) -> the float32 value, as a TIR expression. ``hardware_half``: the
-    target converts float16 in hardware, so float8 codes decode through it (float8.decode_bits_via_half)."""
+def code_loader(cache_dtype: str, hardware_half: bool = False):
+    """(cache, b, kv_head, slot, d) -> the stored code as float32, unscaled, as a TIR expression. ``hardware_half``:
+    the target converts float16 in hardware, so float8 codes decode through it (float8.decode_bits_via_half)."""
     decode_fp8 = float8.decode_bits_via_half if hardware_half else float8.decode_bits
 
-    def raw(cache, b, kh, slot, d):
+    def code(cache, b, kh, slot, d):
         value = cache[b, kh, slot, d]
         if cache_dtype == "float8_e4m3fn":
             return decode_fp8(tirx.reinterpret("uint8", value), float8.E4M3FN)
         return value if cache_dtype == "float32" else value.astype("float32")
 
+    return code
+
+
+def scaled(scale_layout: ScaleLayout, value, scales, b, kh, slot):
+    """``value`` times the scale of (b, kv_head, slot); ``value`` itself for an unscaled cache."""
+    if scale_layout is ScaleLayout.PER_TOKEN:
+        return value * scales[b, kh, slot]
+    if scale_layout is ScaleLayout.PER_HEAD:
+        return value * scales[kh]
+    return value
+
+
+def slot_loader(cache_dtype: str, scale_layout: ScaleLayout, hardware_half: bool = False):
+    """(cache, scales, b, kv_head, slot, d) -> the float32 value, as a TIR expression (code_loader, scaled)."""
+    code = code_loader(cache_dtype, hardware_half)
+
     def load(cache, scales, b, kh, slot, d):
-        value = raw(cache, b, kh, slot, d)
-        if scale_layout is ScaleLayout.PER_TOKEN:
-            return value * scales[b, kh, slot]
-        if scale_layout is ScaleLayout.PER_HEAD:
-            return value * scales[kh]
-        return value
+        return scaled(scale_layout, code(cache, b, kh, slot, d), scales, b, kh, slot)
 
     return load
 
