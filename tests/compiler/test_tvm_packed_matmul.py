@@ -16,6 +16,7 @@ from tvm import te, tirx  # noqa: E402
 
 from kvc.compiler.tvm.converters.packed_matmul import _packed_matmul_te  # noqa: E402
 from kvc.compiler.tvm.schedules import CpuPackedMatmul  # noqa: E402
+from kvc.compiler.tvm.schedules.cpu_packed_matmul import RowTile, batched_row_tile  # noqa: E402
 from kvc.passes.lower_tvm_weight_codes import PackedWeight, pack_float, pack_quantized, unpack  # noqa: E402
 from kvc.passes.weight_quantize import dequantize_blocks, quantize_blocks  # noqa: E402
 
@@ -61,11 +62,12 @@ def packed_matmul_func(packed: PackedWeight, rows: tuple, with_residual: bool):
     return te.create_prim_func(args + [y])
 
 
-def run(packed: PackedWeight, x: np.ndarray, rows: tuple, residual: np.ndarray | None) -> np.ndarray:
+def run(packed: PackedWeight, x: np.ndarray, rows: tuple, residual: np.ndarray | None,
+        target: tvm.target.Target = LLVM) -> np.ndarray:
     func = packed_matmul_func(packed, rows, residual is not None)
-    sch = CpuPackedMatmul().apply(func, LLVM, False)
+    sch = CpuPackedMatmul().apply(func, target, False)
     assert sch is not None, "the packed-matmul rule did not take its kernel"
-    lib = tvm.compile(sch.mod, target=LLVM)
+    lib = tvm.compile(sch.mod, target=target)
     out = tvm.runtime.tensor(np.zeros(x.shape[:-1] + (packed.attributes["N"],), np.float32))
     weights = [a for a in (packed.codes, packed.scale, packed.zero_point) if a is not None]
     extra = [] if residual is None else [residual]
@@ -105,6 +107,38 @@ def test_static_single_row_decode_uses_the_whole_tile():
     x = rng.standard_normal((1, 1, 64)).astype(np.float32)
     got = run(packed, x, (i64(1), i64(1)), None)
     np.testing.assert_allclose(got, x.astype(np.float64) @ w, rtol=0, atol=TOLERANCE * 10)
+
+
+def _host_avx512_target() -> tvm.target.Target:
+    from kvc.compiler.tvm.target import TargetSpec, host_cpu
+
+    target = TargetSpec(llvm_cpu=host_cpu()).tvm_target()
+    if batched_row_tile(target, 64) is None:
+        pytest.skip(f"this CPU ({host_cpu()}) has no AVX-512: batched decode keeps one row per task")
+    return target
+
+
+@pytest.mark.parametrize("scheme", ["fp32", "fp16", "int8-asym-128", "int4-sym-32", "int4-asym-32"])
+@pytest.mark.parametrize("batch", [1, 3, 4, 6, 9])
+def test_batched_decode_row_tiles_equal_numpy(scheme, batch):
+    """A symbolic batch on AVX-512 runs in row groups whose full groups compile without the batch check:
+    batches that fill them, leave a partial last group, or are smaller than one group."""
+    target = _host_avx512_target()
+    rng = np.random.default_rng(zlib.crc32(f"rows-{scheme}-{batch}".encode()))
+    packed, w = packed_and_reference(scheme, 160, 512, rng)
+    x = rng.standard_normal((batch, 1, 160)).astype(np.float32)
+    residual = rng.standard_normal((batch, 1, 512)).astype(np.float32)
+    got = run(packed, x, (tirx.Var("batch", "int64"), i64(1)), residual, target)
+    want = x.astype(np.float64) @ w.astype(np.float64) + residual
+    assert float(np.abs(got - want).max()) <= TOLERANCE
+
+
+def test_batched_row_tile_follows_the_vector_registers():
+    avx512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+    avx2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    assert batched_row_tile(avx512, 64) == RowTile(rows=4, lanes=16)  # 16 accumulators of 32 registers
+    assert batched_row_tile(avx512, 16) == RowTile(rows=4, lanes=16)
+    assert batched_row_tile(avx2, 64) is None and batched_row_tile(LLVM, 64) is None
 
 
 def test_unannotated_matmuls_are_left_to_other_rules():

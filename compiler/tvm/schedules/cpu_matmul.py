@@ -68,7 +68,7 @@ class TiledCpuMatmulRule(ScheduleRule):
         if found is None:
             return None
         try:
-            self.schedule(sch, found)
+            self.schedule(sch, found, target)
         except s_tir.ScheduleError:  # an epilogue that cannot be inlined into the tile's store
             return None
         return sch
@@ -76,7 +76,7 @@ class TiledCpuMatmulRule(ScheduleRule):
     def match(self, sch: s_tir.Schedule):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def schedule(self, sch: s_tir.Schedule, found) -> None:  # pragma: no cover - abstract
+    def schedule(self, sch: s_tir.Schedule, found, target: Target) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -86,7 +86,7 @@ class CpuWeightMatmul(TiledCpuMatmulRule):
     def match(self, sch: s_tir.Schedule) -> WeightMatmul | None:
         return _match(sch)
 
-    def schedule(self, sch: s_tir.Schedule, found: WeightMatmul) -> None:
+    def schedule(self, sch: s_tir.Schedule, found: WeightMatmul, target: Target) -> None:
         _schedule(sch, found, self.prefill if found.many_rows else self.decode)
 
 

@@ -6,8 +6,9 @@ Y[rows..., n] = sum_k X[rows..., k] * W(k, n) with W read from a packed [N/T, K,
     for k:  for each of the MB rows:  acc[row, cols] += x[row, k] * decode(slab[k, cols])   (vector FMA)
     store acc through the epilogue
 
-Decode (one row per block) keeps the whole tile T in registers, so each parallel task streams one
-contiguous slab once; prefill (MB > 1 rows) tiles T into register-sized column groups. 4-bit tiles are
+Decode keeps the whole tile T in registers, so each parallel task streams one contiguous slab once: one
+row per task at batch 1, groups of rows per task for a symbolic batch on AVX-512 (batched_row_tile); prefill (MB > 1 rows)
+tiles T into register-sized column groups. 4-bit tiles are
 split at the nibble halves: each half is one contiguous run of bytes, decoded with a constant shift.
 Quantized kernels sum each scale block's codes first (the converter's partial / xsum stages): those
 are computed inside the loop over blocks, into registers, and scaled once per block.
@@ -17,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tvm import s_tir, tirx
+from tvm.target import Target
 from tvm.s_tir.dlight import analysis
 
 from kvc.compiler.tvm.converters.packed_matmul import ANNOTATION, HALF_ANNOTATION, STAGE_ANNOTATION
@@ -43,11 +45,11 @@ class CpuPackedMatmul(TiledCpuMatmulRule):
     def match(self, sch: s_tir.Schedule) -> PackedMatmul | None:
         return _match(sch)
 
-    def schedule(self, sch: s_tir.Schedule, found: PackedMatmul) -> None:
+    def schedule(self, sch: s_tir.Schedule, found: PackedMatmul, target: Target) -> None:
         if found.many_rows:
             _schedule_rows(sch, found, self.prefill)
         else:
-            _schedule_decode(sch, found, self.decode.lanes)
+            _schedule_decode(sch, found, self.decode.lanes, batched_row_tile(target, found.tile))
 
 
 def is_packed_matmul(func: tirx.PrimFunc) -> bool:
@@ -77,20 +79,65 @@ def _match(sch: s_tir.Schedule) -> PackedMatmul | None:
                         [e.block_rv for e in epilogues], [e.block_rv for e in stages])
 
 
-def _schedule_decode(sch: s_tir.Schedule, m: PackedMatmul, lanes: int) -> None:
-    """One row per task: the whole T-column tile accumulates in registers over K."""
+def _schedule_decode(sch: s_tir.Schedule, m: PackedMatmul, lanes: int, row_tile: "RowTile | None") -> None:
+    """Decode: the whole T-column tile accumulates in registers over K. One row per task, unless the batch
+    is symbolic and ``row_tile`` is given: then groups of its rows per task (_batched_rows)."""
     group = m.half or m.tile
     rows = m.row_loops or [sch.add_unit_loop(m.col_loop)]
     blocks, within = sch.split(m.col_loop, [None, m.tile])
     groups, cols = sch.split(within, [None, group])
-    sch.reorder(blocks, *rows, m.red_loop, groups, cols)
-    work = sch.fuse(blocks, *rows)
-    sch.parallel(work)
-    store_register_tile(sch, m.block, m.epilogues, work)
+    symbolic = [loop for loop in rows if not isinstance(sch.get(loop).extent, tirx.IntImm)]
+    if row_tile is not None and len(symbolic) == 1:
+        _batched_rows(sch, m, rows, symbolic[0], row_tile.rows, blocks, groups, cols)
+        lanes = row_tile.lanes
+    else:
+        sch.reorder(blocks, *rows, m.red_loop, groups, cols)
+        work = sch.fuse(blocks, *rows)
+        sch.parallel(work)
+        store_register_tile(sch, m.block, m.epilogues, work)
     sch.unroll(groups)
     _vector_columns(sch, cols, lanes)
     _stages_per_block(sch, m, lanes)
     sch.decompose_reduction(m.block, m.red_loop)
+
+
+@dataclass(frozen=True)
+class RowTile:
+    rows: int  # batch rows sharing each weight load
+    lanes: int  # vector width in elements
+
+
+def batched_row_tile(target: Target, tile: int) -> RowTile | None:
+    """The register tile of a batched decode step on ``target``: with AVX-512's 32 vector registers, 4 rows x
+    a 64-column tile are 16 accumulators. One row per task (None) read each weight slab once per row, later
+    rows from L2: llama-100m's lm_head (576 x 32000) at batch 4 took 1.5-1.6x its batch-1 time, with this
+    tile ~1.1x (benchmarks/tvm_packed_gemv.py --rows 4). AVX2's 16 registers hold one 64-column row
+    (8 accumulators) with room for little else, so other targets keep one row per task."""
+    if target.kind.name != "llvm" or not _has_avx512(target):
+        return None
+    lanes = 16
+    return RowTile(rows=max(1, min(4, 16 // max(tile // lanes, 1))), lanes=min(lanes, tile))
+
+
+def _has_avx512(target: Target) -> bool:
+    from tvm.target import codegen
+
+    return bool(codegen.target_has_features("avx512f", target))
+
+
+def _batched_rows(sch: s_tir.Schedule, m: PackedMatmul, rows: list, symbolic, tile_rows: int, blocks, groups,
+                  cols) -> None:
+    """Parallel over column blocks; each task walks the batch in ``tile_rows``-row groups, every k's weights
+    loaded once per group for all its rows. The group loop carries a partition hint, so the full groups
+    compile without the batch bound's check and only the last partial group keeps it (with the check on
+    every row, 8 rows took 2.2x the time)."""
+    others = [loop for loop in rows if not loop.same_as(symbolic)]
+    row_groups, row_tile = sch.split(symbolic, [None, tile_rows])
+    sch.reorder(blocks, row_groups, m.red_loop, row_tile, *others, groups, cols)
+    sch.parallel(blocks)
+    store_register_tile(sch, m.block, m.epilogues, row_groups)
+    sch.unroll(row_tile)
+    sch.annotate(row_groups, "pragma_loop_partition_hint", 1)
 
 
 def _schedule_rows(sch: s_tir.Schedule, m: PackedMatmul, tiles: MatmulTiles) -> None:
