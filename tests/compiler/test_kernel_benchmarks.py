@@ -1,5 +1,5 @@
-"""benchmarks/tvm_decode_attention.py and tvm_weight_decode.py at toy sizes: each checks its kernels or
-artifacts against a reference before timing them (the attention script against float64 numpy), so a broken
+"""benchmarks/tvm_decode_attention.py, tvm_weight_decode.py and tvm_packed_gemv.py at toy sizes: each checks its
+kernels or artifacts against a reference before timing them (the attention script against float64 numpy), so a broken
 kernel or an option that no longer loads fails here. No timing asserted."""
 from __future__ import annotations
 
@@ -31,3 +31,9 @@ def test_interleaved_decode_benchmark_runs_batched_without_prefill(monkeypatch, 
     out = capsys.readouterr().out
     assert "batch 2" in out and "no prefill" in out
     assert [line.split()[0] for line in out.splitlines() if line.startswith("  ")] == ["fp32", "fp8"]
+
+
+def test_packed_gemv_benchmark_checks_a_symbolic_batch(monkeypatch, capsys):
+    _run(monkeypatch, "tvm_packed_gemv.py", "--k", "64", "--n", "256", "--rows", "3", "--reps", "1")
+    out = capsys.readouterr().out
+    assert "3 row(s)" in out and "packed fp32, 1 row" in out
