@@ -166,7 +166,7 @@ def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
                             s[g] = s[g] + part[lane]
                         for d in T.vectorized(T.int64(D)):
                             acc[g, d] = acc[g, d] * alpha[g]
-                        # the weights take the value scales after their sum, which must not
+                        # value scales join the weights only now: the sum s above must not include them
                         for t in T.vectorized(T.int64(CH)):
                             scores[g, t] = scaled(layout, scores[g, t], VS, b, kh, T.min(start + t, C - 1))
                     for t in T.serial(valid):

@@ -7,9 +7,9 @@ Y[rows..., n] = sum_k X[rows..., k] * W(k, n) with W read from a packed [N/T, K,
     store acc through the epilogue
 
 Decode keeps the whole tile T in registers, so each parallel task streams one contiguous slab once: one
-row per task at batch 1, groups of rows per task for a symbolic batch on AVX-512 (batched_row_tile); prefill (MB > 1 rows)
-tiles T into register-sized column groups. 4-bit tiles are
-split at the nibble halves: each half is one contiguous run of bytes, decoded with a constant shift.
+row per task at batch 1, groups of rows per task for a symbolic batch on AVX-512 (batched_row_tile).
+Prefill (MB > 1 rows) tiles T into register-sized column groups. 4-bit tiles are split at the nibble
+halves: each half is one contiguous run of bytes, decoded with a constant shift.
 Quantized kernels sum each scale block's codes first (the converter's partial / xsum stages): those
 are computed inside the loop over blocks, into registers, and scaled once per block.
 """
@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tvm import s_tir, tirx
-from tvm.target import Target
 from tvm.s_tir.dlight import analysis
+from tvm.target import Target
 
 from kvc.compiler.tvm.converters.packed_matmul import ANNOTATION, HALF_ANNOTATION, STAGE_ANNOTATION
 from kvc.compiler.tvm.schedules.cpu_matmul import (MatmulTiles, TiledCpuMatmulRule, has_many_rows,
