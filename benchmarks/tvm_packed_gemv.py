@@ -91,9 +91,9 @@ def main() -> None:
         variants[name] = (lambda plib=plib, arrays=arrays: plib(tx, *arrays, y),
                           sum(a.nbytes for a in _arrays(packed)), unpack(packed))
     if rows > 1:  # the same symbolic-batch fp32 kernel on one row, for the batch's cost over batch 1
-        plib, arrays = packed_kernel(schemes["packed fp32"], target, batch), _arrays(schemes["packed fp32"])
+        fp32 = schemes["packed fp32"]
+        plib, arrays = packed_kernel(fp32, target, batch), [tvm.runtime.tensor(a) for a in _arrays(fp32)]
         x1, y1 = tvm.runtime.tensor(x[:1].copy()), tvm.runtime.tensor(np.zeros((1, 1, n), np.float32))
-        arrays = [tvm.runtime.tensor(a) for a in arrays]
         variants["packed fp32, 1 row"] = (lambda plib=plib, arrays=arrays: plib(x1, *arrays, y1), w.nbytes, None)
     for name, (fn, _, weights) in variants.items():  # check each, warm up
         got = fn()

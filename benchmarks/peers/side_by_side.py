@@ -4,8 +4,9 @@ phases of a shared machine (the README bench runs every engine once, one after a
     python benchmarks/peers/side_by_side.py --peers-dir DIR --batch 4 --contexts 128,512,2048 --rounds 3 \\
         --out benchmarks/results/side_by_side  tvm-fp32=A.kvc tvm-int8=B.kvc
 
-Each round runs ortgenai_decode.py (the peers' venv from setup.sh, real prefill) and then `kvc bench` on each
-artifact (synthetic fill), both with 32 decode steps, 1 warm-up + 5 timed repetitions, median, 2 threads.
+Each round runs `kvc bench` on each artifact (synthetic fill: 32 decode steps, 1 warm-up + 5 timed
+repetitions, median) and then onnxruntime-genai through run.py's harness (the peers' venv from setup.sh, real
+prefill) with the settings of the first artifact's run, as run.py repeats them.
 Writes each round's raw output under --out and prints, per context, every round's ms/step and the ratio
 onnxruntime-genai / kvc (above 1: kvc faster).
 """
@@ -18,27 +19,31 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-SETTINGS = ["--gen", "32", "--warmup", "1", "--reps", "5"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import PeerLayout, PeerSettings, measure_ortgenai  # noqa: E402
+
+KVC_SETTINGS = ["--gen", "32", "--warmup", "1", "--reps", "5", "--prefill-reps", "0", "--bandwidth-gbs", "30"]
 
 
-def run_ortgenai(peers: Path, batch: int, contexts: str, out: Path) -> dict[int, float]:
-    command = [str(peers / "venv" / "bin" / "python"), str(HERE / "ortgenai_decode.py"),
-               str(peers / "models" / "ortgenai-llama-100m"), "--contexts", contexts, "--batch", str(batch),
-               *SETTINGS, "--seed", "0", "--vocab", "32000"]
-    text = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    out.write_text(text)
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return {row["context"]: statistics.median(row["step_s"]) * 1e3 for row in rows}
-
-
-def run_kvc(artifact: str, batch: int, contexts: str, threads: int, out: Path) -> dict[int, float]:
+def run_kvc(artifact: str, batch: int, contexts: str, threads: int, out: Path) -> dict:
+    """`kvc bench` on the artifact; its JSON document (also written to ``out``)."""
     kvc = Path(sys.executable).parent / "kvc"  # the CLI of the venv this script runs in
-    command = [str(kvc), "bench", artifact, "--contexts", contexts, "--batch", str(batch), *SETTINGS,
-               "--prefill-reps", "0", "--threads", str(threads), "--bandwidth-gbs", "30", "--json", str(out)]
+    command = [str(kvc), "bench", artifact, "--contexts", contexts, "--batch", str(batch), "--threads", str(threads),
+               *KVC_SETTINGS, "--json", str(out)]
     subprocess.run(command, check=True, capture_output=True, text=True)
-    rows = json.loads(out.read_text())["rows"]
-    return {row["context"]: row["median"] for row in rows if row["metric"].startswith("decode")}
+    return json.loads(out.read_text())
+
+
+def kvc_ms(doc: dict) -> dict[int, float]:
+    return {row["context"]: row["median"] for row in doc["rows"] if row["metric"].startswith("decode")}
+
+
+def run_ortgenai(peers: Path, settings: PeerSettings, out: Path) -> dict[int, float]:
+    samples = measure_ortgenai(PeerLayout(peers, settings.preset), settings, timeout=3600)
+    out.write_text("".join(json.dumps({"context": d.context, "batch": d.batch, "capacity": d.capacity,
+                                       "step_s": d.step_s, "source": d.source}) + "\n" for d in samples))
+    return {d.context: statistics.median(d.step_s) * 1e3 for d in samples}
 
 
 def main() -> None:
@@ -56,11 +61,12 @@ def main() -> None:
     times: dict[str, list[dict[int, float]]] = {"onnxruntime-genai": [], **{name: [] for name in artifacts}}
     for r in range(1, args.rounds + 1):
         stem = f"b{args.batch}_r{r}"
-        times["onnxruntime-genai"].append(run_ortgenai(args.peers_dir, args.batch, args.contexts,
-                                                       args.out / f"ortgenai_{stem}.jsonl"))
-        for name, path in artifacts.items():
-            times[name].append(run_kvc(path, args.batch, args.contexts, args.threads,
-                                       args.out / f"{name}_{stem}.json"))
+        docs = [run_kvc(path, args.batch, args.contexts, args.threads, args.out / f"{name}_{stem}.json")
+                for name, path in artifacts.items()]
+        for name, doc in zip(artifacts, docs):
+            times[name].append(kvc_ms(doc))
+        settings = PeerSettings.from_header(docs[0]["header"])
+        times["onnxruntime-genai"].append(run_ortgenai(args.peers_dir, settings, args.out / f"ortgenai_{stem}.jsonl"))
         print(f"round {r} done", file=sys.stderr)
     peer = times["onnxruntime-genai"]
     for context in map(int, args.contexts.split(",")):

@@ -71,6 +71,13 @@ def converts_half_in_hardware(target: tvm.target.Target) -> bool:
     return target.kind.name == "llvm" and bool(codegen.target_has_features("f16c", target))
 
 
+def has_avx512(target: tvm.target.Target) -> bool:
+    """Whether an llvm target has AVX-512 (32 vector registers of 16 float32 lanes)."""
+    from tvm.target import codegen
+
+    return target.kind.name == "llvm" and bool(codegen.target_has_features("avx512f", target))
+
+
 def cuda_codegen_available() -> bool:
     """Whether TVM can generate CUDA code (a GPU is not needed for that, only to run it)."""
     return tvm.get_global_func("target.build.cuda", allow_missing=True) is not None

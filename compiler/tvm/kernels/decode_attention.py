@@ -65,6 +65,7 @@ def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
     cache_dtype, q_dtype = spec.cache_dtype, spec.query_dtype
     sm_scale = spec.scale
     code, layout = code_loader(spec.cache_dtype, spec.hardware_half), spec.scale_layout
+    quantized = layout is not ScaleLayout.NONE  # float caches have no scales to apply
 
     @T.prim_func(s_tir=True)
     def decode_attention_partial(q_handle: T.handle, k_handle: T.handle, v_handle: T.handle, len_handle: T.handle,
@@ -167,8 +168,9 @@ def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
                         for d in T.vectorized(T.int64(D)):
                             acc[g, d] = acc[g, d] * alpha[g]
                         # value scales join the weights only now: the sum s above must not include them
-                        for t in T.vectorized(T.int64(CH)):
-                            scores[g, t] = scaled(layout, scores[g, t], VS, b, kh, T.min(start + t, C - 1))
+                        if quantized:
+                            for t in T.vectorized(T.int64(CH)):
+                                scores[g, t] = scaled(layout, scores[g, t], VS, b, kh, T.min(start + t, C - 1))
                     for t in T.serial(valid):
                         for d in T.vectorized(T.int64(D)):
                             kv_local[d] = code(VC, b, kh, start + t, d)

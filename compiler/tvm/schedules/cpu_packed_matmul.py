@@ -24,6 +24,7 @@ from tvm.target import Target
 from kvc.compiler.tvm.converters.packed_matmul import ANNOTATION, HALF_ANNOTATION, STAGE_ANNOTATION
 from kvc.compiler.tvm.schedules.cpu_matmul import (MatmulTiles, TiledCpuMatmulRule, has_many_rows,
                                                     spatial_then_one_reduction, store_register_tile)
+from kvc.compiler.tvm.target import has_avx512
 
 
 @dataclass(frozen=True)
@@ -113,16 +114,11 @@ def batched_row_tile(target: Target, tile: int) -> RowTile | None:
     rows from L2: llama-100m's lm_head (576 x 32000) at batch 4 took 1.5-1.6x its batch-1 time, with this
     tile ~1.1x (benchmarks/tvm_packed_gemv.py --rows 4). AVX2's 16 registers hold one 64-column row
     (8 accumulators) with room for little else, so other targets keep one row per task."""
-    if target.kind.name != "llvm" or not _has_avx512(target):
+    if not has_avx512(target):
         return None
-    lanes = 16
-    return RowTile(rows=max(1, min(4, 16 // max(tile // lanes, 1))), lanes=min(lanes, tile))
-
-
-def _has_avx512(target: Target) -> bool:
-    from tvm.target import codegen
-
-    return bool(codegen.target_has_features("avx512f", target))
+    lanes = min(16, tile)
+    accumulators_per_row = tile // lanes
+    return RowTile(rows=min(4, 16 // accumulators_per_row), lanes=lanes)
 
 
 def _batched_rows(sch: s_tir.Schedule, m: PackedMatmul, rows: list, symbolic, tile_rows: int, blocks, groups,
