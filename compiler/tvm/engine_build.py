@@ -77,11 +77,12 @@ def import_entry_points(graphs: ir.Model | dict[Entry, ir.Model], target: tvm.ta
     graph, whose entry graphs are then made here (read, not changed). ``target`` (default: generic llvm)
     picks CPU or GPU kernels, and whether fp8 caches decode through hardware float16 conversion."""
     from kvc.compiler.tvm.onnx_import import ImportOptions, from_onnx
-    from kvc.compiler.tvm.target import TargetKind, converts_half_in_hardware
+    from kvc.compiler.tvm.target import TargetKind, converts_half_in_hardware, has_avx512bw
 
     target = target or tvm.target.Target({"kind": "llvm"})
     options = ImportOptions(keep_params_in_input=True, in_place_cache_writes=True,
-                            target_kind=TargetKind(target.kind.name), hardware_half=converts_half_in_hardware(target))
+                            target_kind=TargetKind(target.kind.name), hardware_half=converts_half_in_hardware(target),
+                            avx512_int16=has_avx512bw(target))
     if isinstance(graphs, ir.Model):
         graphs, _ = lower_entries(graphs, EngineKind.TVM)
     prefill = Entry.PREFILL.value

@@ -53,6 +53,7 @@ class ImportOptions:
     kernel_chunk_size: int = 64  # cache slots per step / per parallel task in those kernels
     prefill_query_tile: int = 16  # queries per parallel task in the prefill kernel
     hardware_half: bool = False  # the llvm target converts float16 in hardware (F16C): fp8 caches decode through it
+    avx512_int16: bool = False  # the llvm target has AVX-512 BW: int8 caches' decode attention multiplies integers
 
     @property
     def uses_attention_kernels(self) -> bool:
@@ -118,6 +119,7 @@ class KvcGraphImporter(tvm_onnx.ONNXGraphImporter):
                            gpu_attention_kernels=options.uses_gpu_attention_kernels,
                            kernel_chunk_size=options.kernel_chunk_size, prefill_query_tile=options.prefill_query_tile,
                            hardware_half=options.hardware_half and options.target_kind is TargetKind.LLVM,
+                           avx512_int16=options.avx512_int16 and options.target_kind is TargetKind.LLVM,
                            shared=self._shared)
 
 

@@ -78,6 +78,13 @@ def has_avx512(target: tvm.target.Target) -> bool:
     return target.kind.name == "llvm" and bool(codegen.target_has_features("avx512f", target))
 
 
+def has_avx512bw(target: tvm.target.Target) -> bool:
+    """Whether an llvm target has AVX-512 BW (512-bit int8/int16 arithmetic, e.g. vpmaddwd)."""
+    from tvm.target import codegen
+
+    return target.kind.name == "llvm" and bool(codegen.target_has_features("avx512bw", target))
+
+
 def cuda_codegen_available() -> bool:
     """Whether TVM can generate CUDA code (a GPU is not needed for that, only to run it)."""
     return tvm.get_global_func("target.build.cuda", allow_missing=True) is not None

@@ -114,13 +114,13 @@ CAPACITY = 40
 LENGTHS = np.array([40, 17, 0, 33, 52], np.int64)  # full, partial chunk, empty, several chunks, past capacity
 
 
-def _decode_module(spec, for_host_cpu: bool):
+def _decode_module(spec, for_host_cpu: bool, capacity: int = CAPACITY):
     from kvc.compiler.tvm.kernels.decode_attention import emit_decode_attention
     from kvc.compiler.tvm.target import TargetSpec, build, converts_half_in_hardware, host_cpu
 
     target = TargetSpec(llvm_cpu=host_cpu() if for_host_cpu else None)
     spec = dataclasses.replace(spec, hardware_half=converts_half_in_hardware(target.tvm_target()))
-    module = attention_module(spec, 1, lambda bb, *args: emit_decode_attention(bb, spec, *args))
+    module = attention_module(spec, 1, lambda bb, *args: emit_decode_attention(bb, spec, *args), capacity)
     return load_vm(build(module, target))
 
 
@@ -143,11 +143,11 @@ def _quantize(x: np.ndarray, spec, rng):
     return stored, scale, stored.astype(np.float64) * broadcast
 
 
-def _poison(stored: np.ndarray, scale, spec) -> None:
+def _poison(stored: np.ndarray, scale, spec, lengths=LENGTHS) -> None:
     """NaN (or, for int8 codes, extreme values) in every slot at or past each sequence's length."""
     from kvc.compiler.tvm.kernels.decode_attention import ScaleLayout
 
-    for b, length in enumerate(LENGTHS):
+    for b, length in enumerate(lengths):
         if stored.dtype == np.int8:
             stored[b, :, length:] = -128
         elif stored.dtype.itemsize == 1:
@@ -158,10 +158,10 @@ def _poison(stored: np.ndarray, scale, spec) -> None:
             scale[b, :, length:] = np.nan
 
 
-def _reference(q, k, v, mask, spec) -> np.ndarray:
+def _reference(q, k, v, mask, spec, lengths=LENGTHS) -> np.ndarray:
     G = spec.num_heads // spec.num_kv_heads
     out = np.zeros(q.shape, np.float64)
-    for b, length in enumerate(LENGTHS):
+    for b, length in enumerate(lengths):
         for h in range(spec.num_heads):
             scores = k[b, h // G, :length] @ q[b, h, 0].astype(np.float64) * spec.scale
             if mask is not None:
@@ -196,26 +196,77 @@ def _specs():
 def test_decode_attention_matches_numpy(name, for_host_cpu, rng):
     """Built for generic x86-64 (what a portable artifact gets) and for this machine's vector units."""
     spec = _specs()[name]
-    batch, K, D = len(LENGTHS), spec.num_kv_heads, spec.head_dim
-    q = rng.standard_normal((batch, spec.num_heads, 1, D)).astype(spec.query_dtype)
-    k_stored, k_scale, k = _quantize(rng.standard_normal((batch, K, CAPACITY, D)).astype(np.float32), spec, rng)
-    v_stored, v_scale, v = _quantize(rng.standard_normal((batch, K, CAPACITY, D)).astype(np.float32), spec, rng)
-    mask = None
-    if spec.has_mask:
-        mask = rng.standard_normal((batch, 1, 1, CAPACITY)).astype(np.float32)
-        mask[0, 0, 0, [2, 5]] = -np.inf  # masked slots inside the valid range
-        mask[3, 0, 0, :] = -np.inf  # a sequence that sees nothing: zeros
-        for b, length in enumerate(LENGTHS):
-            mask[b, 0, 0, length:] = np.nan
-    want = _reference(q, k, v, mask, spec)
-    for stored, scale in ((k_stored, k_scale), (v_stored, v_scale)):
-        _poison(stored, scale, spec)
-    feeds = [q, k_stored, v_stored, LENGTHS] + ([k_scale, v_scale] if k_scale is not None else [])
-    feeds += [mask] if mask is not None else []
-    (got,) = call_vm(_decode_module(spec, for_host_cpu), feeds)
-    assert got.dtype == np.dtype(spec.query_dtype)
+    got, want = _run_decode(spec, for_host_cpu, CAPACITY, LENGTHS, rng)
     atol = 2e-3 if spec.query_dtype == "float16" else 1e-5
     np.testing.assert_allclose(got.astype(np.float64), want, rtol=0, atol=atol)
+
+
+def _integer_specs():
+    from kvc.compiler.tvm.kernels.decode_attention import DecodeAttentionSpec, ScaleLayout
+
+    int8 = dict(cache_dtype="int8", avx512_int16=True, chunk_size=16)
+    return {
+        "per-token-mask-gqa3": DecodeAttentionSpec(6, 2, 32, scale_layout=ScaleLayout.PER_TOKEN, has_mask=True, **int8),
+        "per-head-d64-one-part": DecodeAttentionSpec(4, 1, 64, scale_layout=ScaleLayout.PER_HEAD, splits=1, **int8),
+        "per-token-d128-chunk32": DecodeAttentionSpec(2, 2, 128, scale_layout=ScaleLayout.PER_TOKEN,
+                                                      **{**int8, "chunk_size": 32}),
+    }
+
+
+# odd capacity: a chunk's last slot pair reaches past the ring (its second slot is clamped and weighs 0)
+INTEGER_CAPACITY = 41
+INTEGER_LENGTHS = np.array([41, 17, 0, 33, 52, 1], np.int64)
+
+
+@pytest.mark.parametrize("name", list(_integer_specs()))
+def test_decode_attention_integer_dot_matches_numpy(name, rng):
+    """int8 caches on AVX-512 BW: keys and values multiply as int16 (kernels.int16_dot). The int16 query and
+    weights round to 2**-16 of each head's largest element: atol 1e-4 (the int8 codes themselves round
+    at 4e-3 of each token's largest, so this is well inside a quantized cache's own error)."""
+    from kvc.compiler.tvm.target import TargetSpec, has_avx512bw, host_cpu
+
+    if not has_avx512bw(TargetSpec(llvm_cpu=host_cpu()).tvm_target()):
+        pytest.skip("this CPU has no AVX-512 BW")
+    spec = _integer_specs()[name]
+    assert spec.integer_dot
+    got, want = _run_decode(spec, True, INTEGER_CAPACITY, INTEGER_LENGTHS, rng)
+    np.testing.assert_allclose(got.astype(np.float64), want, rtol=0, atol=1e-4)
+
+
+def test_decode_attention_integer_dot_only_where_it_applies():
+    from kvc.compiler.tvm.kernels.decode_attention import DecodeAttentionSpec, ScaleLayout
+
+    int8 = dict(cache_dtype="int8", scale_layout=ScaleLayout.PER_TOKEN, avx512_int16=True)
+    assert DecodeAttentionSpec(4, 2, 64, **int8).integer_dot
+    assert not DecodeAttentionSpec(4, 2, 64, **{**int8, "avx512_int16": False}).integer_dot
+    assert not DecodeAttentionSpec(4, 2, 80, **int8).integer_dot  # head size not a multiple of 32
+    assert not DecodeAttentionSpec(4, 2, 64, **int8, chunk_size=7).integer_dot
+    assert not DecodeAttentionSpec(4, 2, 64, **int8, chunk_size=512).integer_dot  # int32 sums could overflow
+    assert not DecodeAttentionSpec(4, 2, 64, cache_dtype="float8_e4m3fn", scale_layout=ScaleLayout.PER_TOKEN,
+                                   avx512_int16=True).integer_dot
+
+
+def _run_decode(spec, for_host_cpu: bool, capacity: int, lengths: np.ndarray, rng):
+    """(kernel output, float64 reference) on random q / caches / mask, every slot past a length poisoned."""
+    batch, K, D = len(lengths), spec.num_kv_heads, spec.head_dim
+    q = rng.standard_normal((batch, spec.num_heads, 1, D)).astype(spec.query_dtype)
+    k_stored, k_scale, k = _quantize(rng.standard_normal((batch, K, capacity, D)).astype(np.float32), spec, rng)
+    v_stored, v_scale, v = _quantize(rng.standard_normal((batch, K, capacity, D)).astype(np.float32), spec, rng)
+    mask = None
+    if spec.has_mask:
+        mask = rng.standard_normal((batch, 1, 1, capacity)).astype(np.float32)
+        mask[0, 0, 0, [2, 5]] = -np.inf  # masked slots inside the valid range
+        mask[3, 0, 0, :] = -np.inf  # a sequence that sees nothing: zeros
+        for b, length in enumerate(lengths):
+            mask[b, 0, 0, length:] = np.nan
+    want = _reference(q, k, v, mask, spec, lengths)
+    for stored, scale in ((k_stored, k_scale), (v_stored, v_scale)):
+        _poison(stored, scale, spec, lengths)
+    feeds = [q, k_stored, v_stored, lengths] + ([k_scale, v_scale] if k_scale is not None else [])
+    feeds += [mask] if mask is not None else []
+    (got,) = call_vm(_decode_module(spec, for_host_cpu, capacity), feeds)
+    assert got.dtype == np.dtype(spec.query_dtype)
+    return got, want
 
 
 # --- prefill attention ----------------------------------------------------------------------------
@@ -235,7 +286,7 @@ def _prefill_module(spec):
     return load_vm(build(module, target))
 
 
-def attention_module(spec, seq, emit):
+def attention_module(spec, seq, emit, capacity: int = CAPACITY):
     """Relax module `main`(q, k, v, lengths[, k_scale, v_scale][, mask]) returning
     ``emit(bb, q, k, v, lengths, k_scale, v_scale, mask)`` (absent inputs as None); seq: 1 or a Var."""
     import tvm
@@ -246,16 +297,16 @@ def attention_module(spec, seq, emit):
     H, K, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
     batch = tvm.tirx.Var("batch", "int64")
     q = relax.Var("q", relax.TensorType((batch, H, seq, D), spec.query_dtype))
-    k = relax.Var("k", relax.TensorType((batch, K, CAPACITY, D), spec.cache_dtype))
-    v = relax.Var("v", relax.TensorType((batch, K, CAPACITY, D), spec.cache_dtype))
+    k = relax.Var("k", relax.TensorType((batch, K, capacity, D), spec.cache_dtype))
+    v = relax.Var("v", relax.TensorType((batch, K, capacity, D), spec.cache_dtype))
     lengths = relax.Var("lengths", relax.TensorType((batch,), "int64"))
     params, scales, mask = [q, k, v, lengths], (None, None), None
     if spec.scale_layout is not ScaleLayout.NONE:
-        shape = (batch, K, CAPACITY, 1) if spec.scale_layout is ScaleLayout.PER_TOKEN else (K,)
+        shape = (batch, K, capacity, 1) if spec.scale_layout is ScaleLayout.PER_TOKEN else (K,)
         scales = tuple(relax.Var(n, relax.TensorType(shape, "float32")) for n in ("k_scale", "v_scale"))
         params += list(scales)
     if spec.has_mask:
-        mask = relax.Var("mask", relax.TensorType((batch, 1, seq, CAPACITY), "float32"))
+        mask = relax.Var("mask", relax.TensorType((batch, 1, seq, capacity), "float32"))
         params.append(mask)
     bb = relax.BlockBuilder()
     with bb.function("main", params):

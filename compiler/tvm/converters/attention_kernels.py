@@ -58,7 +58,7 @@ def try_attention_kernel(bb: relax.BlockBuilder, q: relax.Expr, k_read: CacheRea
                   chunk_size=context.kernel_chunk_size, softmax_scale=attr.get("scale"),
                   hardware_half=context.hardware_half)
     if decode:
-        spec, emit = DecodeAttentionSpec(**common), emit_decode_attention
+        spec, emit = DecodeAttentionSpec(**common, avx512_int16=context.avx512_int16), emit_decode_attention
     else:
         spec, emit = PrefillAttentionSpec(**common, causal=bool(attr.get("is_causal", 0)),
                                           query_tile=context.prefill_query_tile), emit_prefill_attention

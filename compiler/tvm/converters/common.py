@@ -23,6 +23,7 @@ class NodeContext:
     prefill_query_tile: int
     gpu_attention_kernels: bool = False  # kvc's GPU attention kernels may be used (CUDA builds)
     hardware_half: bool = False  # the CPU target converts float16 in hardware (x86 F16C)
+    avx512_int16: bool = False  # the CPU target has AVX-512 BW (int8 decode attention multiplies integers)
     # One dict for the whole import: expressions a converter emitted that other nodes may reuse
     # (keyed by the converter; e.g. RotaryEmbedding's per-token cos/sin rows, the same in every layer).
     shared: dict = field(default_factory=dict, compare=False)

@@ -14,6 +14,9 @@ they may hold anything, NaN included), plus an optional additive mask. Two kerne
   merge    for every (batch, head): rescales the parts to the global max and normalizes.
 Step cost thus follows the live context: a cache compiled for 32K slots costs what 256 do at a
 short context.
+An int8 cache on an AVX-512 BW target (spec.avx512_int16) multiplies integers instead: keys against an int16
+copy of the query, values against int16 copies of each chunk's softmax weights (kernels.int16_dot): the
+float path's per-element converts and per-slot lane sums were what bounded it.
 A head with no visible slot (length 0, or every score -inf) outputs zeros, like ONNX's Attention.
 
 Cache dtypes and scales: kvc.compiler.tvm.kernels.kv_read. Scores and accumulators are float32;
@@ -29,6 +32,7 @@ import numpy as np
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
+from kvc.compiler.tvm.kernels import int16_dot
 from kvc.compiler.tvm.kernels.fast_math import exp_f32, lane_sum
 from kvc.compiler.tvm.kernels.kv_read import ScaleLayout, code_loader, scale_shape, scaled, vector_lanes
 from kvc.compiler.tvm.kernels.spec import AttentionKernelSpec
@@ -45,11 +49,18 @@ class DecodeAttentionSpec(AttentionKernelSpec):
     # Parts each (batch, kv head) is split into, run in parallel: enough for a few cores at
     # batch 1 with 3 kv heads; the merge reads splits partial results per head.
     splits: int = 4
+    # The target has AVX-512 BW: an int8 cache's keys and values multiply as int16 pairs against an int16
+    # copy of the query / weights (kernels.int16_dot) where the sizes allow (see integer_dot).
+    avx512_int16: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         if self.chunk_size <= 0 or self.splits <= 0:
             raise KvcError("decode attention: chunk_size and splits must be positive")
+
+    @property
+    def integer_dot(self) -> bool:
+        return self.avx512_int16 and self.cache_dtype == "int8" and int16_dot.applies(self.head_dim, self.chunk_size)
 
 
 def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
@@ -66,6 +77,9 @@ def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
     sm_scale = spec.scale
     code, layout = code_loader(spec.cache_dtype, spec.hardware_half), spec.scale_layout
     quantized = layout is not ScaleLayout.NONE  # float caches have no scales to apply
+    integer = spec.integer_dot
+    quantize_query, quantize_weights = int16_dot.quantize_rows(G, D), int16_dot.quantize_rows(G, CH)
+    integer_key_scores, integer_weighted_values = int16_dot.key_scores(G, D), int16_dot.weighted_values(G, D)
 
     @T.prim_func(s_tir=True)
     def decode_attention_partial(q_handle: T.handle, k_handle: T.handle, v_handle: T.handle, len_handle: T.handle,
@@ -100,6 +114,13 @@ def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
                 dot = T.sblock_alloc_buffer((LANES,), "float32")
                 part = T.sblock_alloc_buffer((SUM_LANES,), "float32")
                 acc = T.sblock_alloc_buffer((G, D), "float32")
+                # integer path: int16 query and weights with their per-head scales, widened keys, int32 sums
+                q16 = T.sblock_alloc_buffer((G, D), "int16")
+                q_scale = T.sblock_alloc_buffer((G,), "float32")
+                k16 = T.sblock_alloc_buffer((int16_dot.KEY_BLOCK, D), "int16")
+                w16 = T.sblock_alloc_buffer((G, CH), "int16")
+                w_scale = T.sblock_alloc_buffer((G,), "float32")
+                acc32 = T.sblock_alloc_buffer((G, D), "int32")
                 b: T.let[T.int64] = work // (K * S)
                 kh: T.let[T.int64] = work // S % K
                 i: T.let[T.int64] = work % S
@@ -112,22 +133,27 @@ def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
                     for d in T.vectorized(T.int64(D)):
                         q_local[g, d] = T.Cast("float32", Q[b, kh * G + g, 0, d]) * T.float32(sm_scale)
                         acc[g, d] = T.float32(0)
+                if integer:
+                    quantize_query(q_local, q16, q_scale)
                 for ci in T.serial(per):
                     start: T.let[T.int64] = (first + ci) * CH
                     valid: T.let[T.int64] = T.max(T.min(live - start, T.int64(CH)), T.int64(0))
                     for g in T.serial(T.int64(G)):
                         m_chunk[g] = T.float32(NEG_INF)
-                    for t in T.serial(valid):
-                        for d in T.vectorized(T.int64(D)):
-                            kv_local[d] = code(KC, b, kh, start + t, d)
-                        for g in T.serial(T.int64(G)):
-                            for lane in T.vectorized(T.int64(LANES)):
-                                dot[lane] = T.float32(0)
-                            for j in T.serial(T.int64(D // LANES)):
+                    if integer:
+                        integer_key_scores(KC, k16, q16, q_scale, scores, b, kh, start, valid, C)
+                    else:
+                        for t in T.serial(valid):
+                            for d in T.vectorized(T.int64(D)):
+                                kv_local[d] = code(KC, b, kh, start + t, d)
+                            for g in T.serial(T.int64(G)):
                                 for lane in T.vectorized(T.int64(LANES)):
-                                    dot[lane] = dot[lane] + q_local[g, j * LANES + lane] * kv_local[j * LANES + lane]
-                            sum_lanes(dot)
-                            scores[g, t] = dot[0]
+                                    dot[lane] = T.float32(0)
+                                for j in T.serial(T.int64(D // LANES)):
+                                    for lane in T.vectorized(T.int64(LANES)):
+                                        dot[lane] = dot[lane] + q_local[g, j * LANES + lane] * kv_local[j * LANES + lane]
+                                sum_lanes(dot)
+                                scores[g, t] = dot[0]
                     # Key scales, mask and the chunk's max, vectorized over its slots (reads clamped into
                     # the ring; slots past valid are -inf). A per-token scale multiplies a score, not each
                     # of the key's D elements: the converts, not the multiplies, bound an int8 cache.
@@ -170,13 +196,19 @@ def partial_kernel(spec: DecodeAttentionSpec) -> tirx.PrimFunc:
                         # value scales join the weights only now: the sum s above must not include them
                         if quantized:
                             for t in T.vectorized(T.int64(CH)):
-                                scores[g, t] = scaled(layout, scores[g, t], VS, b, kh, T.min(start + t, C - 1))
-                    for t in T.serial(valid):
-                        for d in T.vectorized(T.int64(D)):
-                            kv_local[d] = code(VC, b, kh, start + t, d)
-                        for g in T.serial(T.int64(G)):
+                                scores[g, t] = T.Select(
+                                    t < valid, scaled(layout, scores[g, t], VS, b, kh, T.min(start + t, C - 1)),
+                                    T.float32(0))
+                    if integer:
+                        quantize_weights(scores, w16, w_scale)
+                        integer_weighted_values(VC, w16, w_scale, acc32, acc, b, kh, start, valid, C)
+                    else:
+                        for t in T.serial(valid):
                             for d in T.vectorized(T.int64(D)):
-                                acc[g, d] = acc[g, d] + scores[g, t] * kv_local[d]
+                                kv_local[d] = code(VC, b, kh, start + t, d)
+                            for g in T.serial(T.int64(G)):
+                                for d in T.vectorized(T.int64(D)):
+                                    acc[g, d] = acc[g, d] + scores[g, t] * kv_local[d]
                 for g in T.serial(T.int64(G)):
                     max_out[b, kh * G + g, i] = m[g]
                     sum_out[b, kh * G + g, i] = s[g]
