@@ -58,7 +58,13 @@ class ModelDescription:
 
     @property
     def sliding_window(self) -> Optional[int]:
-        return self.config.sliding_window
+        """One window for every layer (None: full attention, or per-layer windows)."""
+        return None if self.config.has_per_layer_windows else self.config.sliding_window
+
+    @property
+    def layer_windows(self) -> tuple[Optional[int], ...]:
+        """Each layer's window where the layers differ (Gemma2), else ()."""
+        return tuple(self.config.layer_windows) if self.config.has_per_layer_windows else ()
 
     @property
     def max_positions(self) -> int:
@@ -77,12 +83,10 @@ def describe_model(model: ir.Model, model_dir: Path, options: CompileOptions) ->
     added_window = config.sliding_window if genai is not None else None
     if options.sliding_window is not None:
         added_window = options.sliding_window
-        config = dataclasses.replace(config, sliding_window=options.sliding_window)
+        # one window for every layer, as the option says (it replaces per-layer windows too)
+        config = dataclasses.replace(config, sliding_window=options.sliding_window, layer_windows=())
         source += f"; sliding window {options.sliding_window} from --sliding-window"
     capacity = options.capacity_for(config.max_position_embeddings)
-    blockers = config.ring_buffer_blockers(capacity)
-    if blockers:
-        raise GraphError(blockers[0])
     return ModelDescription(config=config, original_window=original_window, added_window=added_window,
                             config_source=source,
                             generation=_generation(model_dir, model, config, genai),

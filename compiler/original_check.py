@@ -53,8 +53,13 @@ class OriginalCheck:
         if not options.check:
             return None
         config = description.config
-        plan = plan_check(config.vocab_size, description.capacity, description.max_positions,
-                          description.original_window, description.added_window)
+        if description.layer_windows:  # the check crosses the narrowest layer window, within the capacity
+            narrowest = min(w for w in description.layer_windows if w is not None)
+            plan = plan_layer_windows_check(config.vocab_size, description.capacity, description.max_positions,
+                                            narrowest)
+        else:
+            plan = plan_check(config.vocab_size, description.capacity, description.max_positions,
+                              description.original_window, description.added_window)
         weights = options.weight_quant
         return cls(plan, reference_logits(onnx_path, plan, config.num_kv_heads, config.resolved_head_dim, weights))
 
@@ -128,6 +133,18 @@ def plan_check(vocab_size: int, capacity: int, max_positions: int, window: Optio
                             f"ring's wrap at {capacity} (over {LONG_PROMPT_LIMIT} tokens)", prompt=window - 1)
     return _random_plan(vocab_size, min(capacity, max_positions), seed,
                         f"within the window of {window}; reaching it takes over {LONG_PROMPT_LIMIT} tokens")
+
+
+def plan_layer_windows_check(vocab_size: int, capacity: int, max_positions: int, narrowest: int,
+                             seed: int = CHECK_SEED) -> CheckPlan:
+    """Per-layer windows (some layers full): the ring's wrap narrows the full layers, so the check stays within
+    the capacity, and crosses the narrowest window where that fits."""
+    limit = min(capacity, max_positions)
+    if narrowest < limit and narrowest - 1 + DECODE_STEPS <= min(limit, LONG_PROMPT_LIMIT + DECODE_STEPS):
+        return _random_plan(vocab_size, narrowest + DECODE_STEPS, seed, f"past the narrowest layer window of "
+                            f"{narrowest}, within capacity {capacity}", prompt=narrowest - 1)
+    return _random_plan(vocab_size, limit, seed, f"within capacity {capacity} (the narrowest layer window of "
+                        f"{narrowest} is {'wider' if narrowest >= limit else 'over ' + str(LONG_PROMPT_LIMIT) + ' tokens away'})")
 
 
 def _random_plan(vocab_size: int, limit: int, seed: int, covers: str, prompt: Optional[int] = None) -> CheckPlan:

@@ -64,8 +64,8 @@ def compile_model(onnx_path: Path, output: Path, options: CompileOptions, overwr
 
 def pipeline_options(description: ModelDescription) -> PipelineOptions:
     return PipelineOptions(capacity=description.capacity, kv_dtype=description.kv_dtype,
-                           sliding_window=description.sliding_window, fp8_scales=description.fp8_scales,
-                           max_positions=description.max_positions)
+                           sliding_window=description.sliding_window, layer_windows=description.layer_windows,
+                           fp8_scales=description.fp8_scales, max_positions=description.max_positions)
 
 
 def _verifier(options: CompileOptions):
@@ -106,4 +106,5 @@ def _cache_spec(model: ir.Model) -> CacheSpec:
     layout = KvCacheLayout.read_from(model)
     return CacheSpec(layout=CacheLayoutKind.RING.value, capacity=layout.capacity, dtype=layout.dtype.value,
                      scales=layout.scales.value, num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
-                     head_dim=layout.head_dim, sliding_window=layout.sliding_window)
+                     head_dim=layout.head_dim, sliding_window=layout.sliding_window,
+                     layer_windows=layout.layer_windows)

@@ -139,20 +139,6 @@ class ModelConfig:
     def has_per_layer_windows(self) -> bool:
         return len(set(self.layer_windows)) > 1
 
-    def ring_buffer_blockers(self, capacity: int) -> tuple[str, ...]:
-        """What kvc compile's ring buffer cannot express for this model at ``capacity`` slots (empty: nothing).
-
-        The ring-buffer pass builds one slot mask with one window for every layer. Per-layer windows (Gemma2)
-        are exact only while no window binds, i.e. capacity <= the narrowest window.
-        """
-        windows = sorted({w for w in self.layer_windows if w is not None}) if self.has_per_layer_windows else []
-        if not windows or capacity <= windows[0]:
-            return ()
-        sliding = [i for i, w in enumerate(self.layer_windows) if w is not None]
-        return (f"per-layer sliding windows (layers {_ranges(sliding)} see the last {windows[0]} tokens, the "
-                f"others all tokens) are not supported by the ring-buffer KV cache, which applies one window to "
-                f"every layer; compile with --max-seq-len {windows[0]} or less (the windows then never bind)",)
-
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads

@@ -22,8 +22,9 @@ Update and read, per layer:
   Attention reads the whole present cache with nonpad_kv_seqlen = min(past_len + seq, C) and an
   additive mask [batch, 1, seq, C]: slot c holds storage index t(c) = the latest t < past_len+seq
   with t mod C == c; query i (storage index past_len+i) sees slot c iff t(c) >= 0,
-  t(c) <= past_len+i and past_len+i - t(c) < min(C, sliding_window). Once the ring wraps this is
-  sliding-window attention of width C.
+  t(c) <= past_len+i and past_len+i - t(c) < min(C, window). Once the ring wraps this is
+  sliding-window attention of width C. ``window`` is the model's sliding window, or each layer's own
+  where the layers differ (Gemma2: one mask per distinct window, each layer reading its own).
 
 One call may write at most C tokens per sequence: with seq > C a query's own key is overwritten
 within the call and its row of the mask is empty (meaningless output), so prefill longer prompts in
@@ -79,14 +80,22 @@ _IR_DTYPES = {KvDtype.FP32: ir.DataType.FLOAT, KvDtype.FP16: ir.DataType.FLOAT16
 class RingBufferOptions:
     capacity: int  # C: cache slots per sequence
     sliding_window: Optional[int] = None  # the model's own attention window (resolved by the caller)
+    # Per layer (None: full attention) when the layers differ; then sliding_window must be None.
+    layer_windows: tuple[Optional[int], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.capacity, int) or self.capacity < 1:
             raise KvcError(f"KV-cache capacity must be a positive integer, got {self.capacity!r}; "
                            "pass --capacity N")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
-                                                or self.sliding_window < 1):
-            raise KvcError(f"sliding window must be a positive integer or None, got {self.sliding_window!r}")
+        for window in (self.sliding_window, *self.layer_windows):
+            if window is not None and (not isinstance(window, int) or window < 1):
+                raise KvcError(f"sliding window must be a positive integer or None, got {window!r}")
+        if self.layer_windows and self.sliding_window is not None:
+            raise KvcError("give either one sliding window or per-layer windows, not both")
+
+    def window_of(self, layer: int) -> Optional[int]:
+        """Layer ``layer``'s window (None: full attention)."""
+        return self.layer_windows[layer] if self.layer_windows else self.sliding_window
 
 
 @dataclass(frozen=True)
@@ -152,9 +161,10 @@ class KvCacheLayout:
     num_kv_heads: int
     head_dim: int
     capacity: int
-    sliding_window: Optional[int] = None  # the model's own window (None: full attention)
+    sliding_window: Optional[int] = None  # the model's own window (None: full attention, or per-layer windows)
     dtype: KvDtype = KvDtype.FP32
     scales: ScaleKind = ScaleKind.NONE
+    layer_windows: tuple[Optional[int], ...] = ()  # per layer when the layers differ (None: full attention)
 
     @property
     def effective_window(self) -> int:
@@ -178,15 +188,16 @@ class KvCacheLayout:
         return [LOGITS] + [o for _, o in self.cache_names()]
 
     def to_dict(self) -> dict[str, Any]:
+        layer_windows = {"layer_windows": list(self.layer_windows)} if self.layer_windows else {}
         return {"layout": CacheLayoutKind.RING.value, "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
                 "head_dim": self.head_dim, "capacity": self.capacity, "sliding_window": self.sliding_window,
-                "dtype": self.dtype.value, "scales": self.scales.value}
+                "dtype": self.dtype.value, "scales": self.scales.value, **layer_windows}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "KvCacheLayout":
         return cls(num_layers=d["num_layers"], num_kv_heads=d["num_kv_heads"], head_dim=d["head_dim"],
                    capacity=d["capacity"], sliding_window=d["sliding_window"], dtype=KvDtype(d["dtype"]),
-                   scales=ScaleKind(d["scales"]))
+                   scales=ScaleKind(d["scales"]), layer_windows=tuple(d.get("layer_windows", ())))
 
     def write_to(self, model: ir.Model) -> None:
         model.metadata_props[LAYOUT_KEY] = json.dumps(self.to_dict(), sort_keys=True)

@@ -7,7 +7,8 @@ Output (the contract in kvc.passes.kv_layout), per layer:
   present_key_BKCD = TensorScatter(past_key_BKCD, K_BKSD, past_len mod C, mode="circular", axis=2)
   Y = Attention(Q_BHSD, present_key_BKCD, present_value_BKCD, ring_mask_B1SC, nonpad_kv_seqlen=min(past_len+S, C))
 The ring mask, the write index and nonpad_kv_seqlen are built once from ``past_len`` and shared by
-all layers; the old ``attention_mask`` input and its mask subgraph are removed as dead code.
+all layers (one mask per distinct window where the layers' windows differ, e.g. Gemma2's alternating
+sliding and full layers); the old ``attention_mask`` input and its mask subgraph are removed as dead code.
 
 Legend: B batch, H query heads, K kv heads, S new tokens, P past tokens, C capacity, D head size.
 """
@@ -42,7 +43,7 @@ class RingSignals:
 
     write_index_B: ir.Value  # past_len mod C
     kv_len_B: ir.Value  # min(past_len + S, C) -> nonpad_kv_seqlen
-    mask_B1SC: ir.Value  # additive (or boolean) visibility of each slot for each query
+    masks_B1SC: dict  # window (None: none narrower than C) -> additive (or boolean) visibility of each slot
 
 
 class KvRingBufferPass(KvcPass):
@@ -54,25 +55,33 @@ class KvRingBufferPass(KvcPass):
         self.options = options
 
     def apply(self, model: ir.Model) -> PassReport:
-        capacity, window = self.options.capacity, self.options.sliding_window
-        layers = _preconditions(model, window, capacity)  # the graph is untouched until here
-        _rewrite(model, layers, capacity, window)
+        options = self.options
+        capacity, window = options.capacity, options.sliding_window
+        layers = _preconditions(model, options)  # the graph is untouched until here
+        _rewrite(model, layers, options)
         KvCacheLayout(num_layers=len(layers), num_kv_heads=layers[0].num_kv_heads, head_dim=layers[0].head_dim,
-                      capacity=capacity, sliding_window=window).write_to(model)
+                      capacity=capacity, sliding_window=window, layer_windows=options.layer_windows).write_to(model)
         report = PassReport(self.name, matched=len(layers))
-        report.notes.append(f"capacity {capacity}; sliding window {window}")
-        if window is None or window > capacity:
+        windows = f"per-layer windows {list(options.layer_windows)}" if options.layer_windows else \
+            f"sliding window {window}"
+        report.notes.append(f"capacity {capacity}; {windows}")
+        if options.layer_windows and None in options.layer_windows:
+            report.notes.append(f"wrap-around past {capacity} tokens narrows the full-attention layers to the last "
+                                f"{capacity} tokens: exact only within the capacity")
+        elif window is None or window > capacity:
             report.notes.append(f"wrap-around past {capacity} tokens is sliding-window attention of width "
                                 f"{capacity}: exact only for models trained with such a window")
         return report
 
 
-def _rewrite(model: ir.Model, layers: list[FusedLayer], capacity: int, window: int | None) -> None:
+def _rewrite(model: ir.Model, layers: list[FusedLayer], options: RingBufferOptions) -> None:
     _upgrade_opset(model)
     past_len = _add_past_len_input(model.graph, layers[0].io.past_key.shape[0])
-    signals = _build_ring_signals(model.graph, layers, past_len, capacity, window)
-    for layer in layers:
-        _rewrite_layer(model.graph, layer, signals, capacity)
+    capacity = options.capacity
+    windows = [_binding_window(options.window_of(layer.io.layer), capacity) for layer in layers]
+    signals = _build_ring_signals(model.graph, layers, past_len, capacity, sorted(set(windows), key=_window_order))
+    for layer, window in zip(layers, windows):
+        _rewrite_layer(model.graph, layer, signals, capacity, window)
     common_passes.RemoveUnusedNodesPass()(model)  # the concat-form mask subgraph
     _drop_attention_mask_input(model.graph)
     model.graph.sort()
@@ -80,22 +89,36 @@ def _rewrite(model: ir.Model, layers: list[FusedLayer], capacity: int, window: i
 
 # --- preconditions ----------------------------------------------------------------------------
 
-def _preconditions(model: ir.Model, window: int | None, capacity: int) -> list[FusedLayer]:
+def _binding_window(window: int | None, capacity: int) -> int | None:
+    """The window the mask must apply: wider ones are implied by the capacity."""
+    return window if window is not None and window < capacity else None
+
+
+def _window_order(window: int | None) -> float:
+    return float("inf") if window is None else window
+
+
+def _preconditions(model: ir.Model, options: RingBufferOptions) -> list[FusedLayer]:
     """Everything that can refuse the graph, checked before anything is changed."""
     if LAYOUT_KEY in model.metadata_props:
         raise GraphError(f"this graph already has a ring-buffer KV cache ({LAYOUT_KEY} metadata); "
                          "run the ring-buffer pass once, on the concat-form graph")
     layers = check_ring_input(model)
-    _check_crops_match_window(layers, window, capacity)
+    if options.layer_windows and len(options.layer_windows) != len(layers):
+        raise GraphError(f"{len(options.layer_windows)} per-layer windows were given for a graph of {len(layers)} "
+                         "layers; pass the config.json of this model")
+    _check_crops_match_window(layers, options)
     _check_attention_mask_only_feeds_masks(model.graph, layers)
     return layers
 
 
-def _check_crops_match_window(layers: list[FusedLayer], window: int | None, capacity: int) -> None:
+def _check_crops_match_window(layers: list[FusedLayer], options: RingBufferOptions) -> None:
     """A graph that crops its caches applies a window: the ring must apply the same one, or the crop
     (which the rewrite drops) would silently become full attention. A crop at least as wide as the ring never
-    binds (per-layer windows, compiled with a capacity within the narrowest one)."""
+    binds."""
+    capacity = options.capacity
     for layer in layers:
+        window = options.window_of(layer.io.layer)
         crop = layer.crop_window
         if crop is None or crop == window or (window is None and crop >= capacity):
             continue
@@ -164,22 +187,31 @@ def _add_past_len_input(graph: ir.Graph, batch_dim) -> ir.Value:
 
 
 def _build_ring_signals(graph: ir.Graph, layers: list[FusedLayer], past_len_B: ir.Value, capacity: int,
-                        window: int | None) -> RingSignals:
+                        windows: list[int | None]) -> RingSignals:
+    """``windows``: the distinct binding windows (None: none narrower than the capacity), one mask each."""
     tape = ir.tape.Tape(graph)
     const = _constant_maker(tape)
     C = const("capacity", np.array(capacity, np.int64))
     seq_1 = tape.op("Shape", [layers[0].attention.inputs[1]], {"start": 2, "end": 3})  # S from the new keys
     write_index_B = tape.op("Mod", [past_len_B, C])
     kv_len_B = tape.op("Min", [tape.op("Add", [past_len_B, seq_1]), C])
-    visible_BSC = _slot_visibility(tape, const, past_len_B, seq_1, capacity, window)
+    causal_BSC, distance_BSC = _slot_visibility(tape, const, past_len_B, seq_1, capacity)
     axis1 = const("axis1", np.array([1], np.int64))
-    mask_B1SC = tape.op("Unsqueeze", [_mask_values(tape, const, visible_BSC, _mask_dtype(layers[0])), axis1])
-    return RingSignals(write_index_B, kv_len_B, mask_B1SC)
+    masks = {}
+    for window in windows:
+        visible_BSC = causal_BSC
+        if window is not None:
+            name = "window" if len(windows) == 1 else f"window_{window}"
+            inside = tape.op("Less", [distance_BSC, const(name, np.array(window, np.int64))])
+            visible_BSC = tape.op("And", [causal_BSC, inside])
+        masks[window] = tape.op("Unsqueeze", [_mask_values(tape, const, visible_BSC, _mask_dtype(layers[0])), axis1])
+    return RingSignals(write_index_B, kv_len_B, masks)
 
 
-def _slot_visibility(tape: ir.tape.Tape, const, past_len_B: ir.Value, seq_1: ir.Value, capacity: int,
-                     window: int | None) -> ir.Value:
-    """[B, S, C] bool: query i (storage index past_len+i) may see slot c (see kv_layout's docstring)."""
+def _slot_visibility(tape: ir.tape.Tape, const, past_len_B: ir.Value, seq_1: ir.Value,
+                     capacity: int) -> tuple[ir.Value, ir.Value]:
+    """([B, S, C] bool: query i (storage index past_len+i) may see slot c without a window (see kv_layout's
+    docstring); [B, S, C] int64: how many positions back slot c lies from query i)."""
     C = const("capacity", np.array(capacity, np.int64))
     one, zero = const("one", np.array(1, np.int64)), const("zero", np.array(0, np.int64))
     axis0, axis2 = const("axis0", np.array([0], np.int64)), const("axis2", np.array([2], np.int64))
@@ -195,10 +227,7 @@ def _slot_visibility(tape: ir.tape.Tape, const, past_len_B: ir.Value, seq_1: ir.
     distance_BSC = tape.op("Sub", [tape.op("Unsqueeze", [query_BS, axis2]), held_B1C])
     visible_BSC = tape.op("And", [tape.op("GreaterOrEqual", [held_B1C, zero]),
                                   tape.op("GreaterOrEqual", [distance_BSC, zero])])
-    if window is not None and window < capacity:  # wider windows are implied by the capacity
-        inside = tape.op("Less", [distance_BSC, const("window", np.array(window, np.int64))])
-        visible_BSC = tape.op("And", [visible_BSC, inside])
-    return visible_BSC
+    return visible_BSC, distance_BSC
 
 
 def _constant_maker(tape: ir.tape.Tape):
@@ -230,11 +259,12 @@ def _mask_values(tape: ir.tape.Tape, const, visible: ir.Value, dtype: ir.DataTyp
     return tape.op("Where", [visible, zero, lowest])
 
 
-def _rewrite_layer(graph: ir.Graph, layer: FusedLayer, signals: RingSignals, capacity: int) -> None:
+def _rewrite_layer(graph: ir.Graph, layer: FusedLayer, signals: RingSignals, capacity: int,
+                   window: int | None) -> None:
     old = layer.attention
     caches = [_scatter_into_ring(graph, layer, past, new_kv, signals, capacity)
               for past, new_kv in ((layer.io.past_key, old.inputs[1]), (layer.io.past_value, old.inputs[2]))]
-    new = ir.Node("", "Attention", [old.inputs[0], caches[0], caches[1], signals.mask_B1SC, None, None,
+    new = ir.Node("", "Attention", [old.inputs[0], caches[0], caches[1], signals.masks_B1SC[window], None, None,
                                     signals.kv_len_B],
                   attributes=[a for name, a in old.attributes.items() if name not in DROPPED_ATTENTION_ATTRS],
                   num_outputs=1, name=f"{old.name or 'attention'}_ring")

@@ -22,6 +22,7 @@ class PipelineOptions:
     capacity: int
     kv_dtype: KvDtype = KvDtype.FP32
     sliding_window: Optional[int] = None  # the model's attention window (None: full attention)
+    layer_windows: tuple[Optional[int], ...] = ()  # per layer where the layers differ (then sliding_window is None)
     fp8_scales: Optional[Fp8Scales] = None  # static fp8 scales from kvc calibrate (None: dynamic)
     max_positions: Optional[int] = None  # rows of materialised RoPE caches (the model's max positions)
     weights: WeightQuantOptions = WeightQuantOptions()  # weight storage (fp32: the pass does nothing)
@@ -35,8 +36,8 @@ def default_passes(options: PipelineOptions) -> list[KvcPass]:
     from kvc.passes.kv_ring_buffer import KvRingBufferPass
 
     passes = build_fusion_passes(FusionOptions(max_positions=options.max_positions))
-    passes.append(KvRingBufferPass(RingBufferOptions(capacity=options.capacity,
-                                                     sliding_window=options.sliding_window)))
+    passes.append(KvRingBufferPass(RingBufferOptions(capacity=options.capacity, sliding_window=options.sliding_window,
+                                                     layer_windows=options.layer_windows)))
     passes.append(KvQuantizePass(KvQuantOptions(dtype=KvDtype(options.kv_dtype), fp8_scales=options.fp8_scales)))
     if options.weights.dtype is not WeightDtype.FP32:
         from kvc.passes.weight_quantize import WeightQuantizePass

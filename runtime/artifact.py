@@ -49,6 +49,13 @@ class CacheSpec:
     num_kv_heads: int
     head_dim: int
     sliding_window: int | None = None
+    layer_windows: tuple[int | None, ...] = ()  # per layer where the layers differ (None: full attention)
+
+    @property
+    def narrowest_window(self) -> int | None:
+        """The narrowest window any layer applies (None: every layer attends to the whole cache)."""
+        windows = [w for w in (self.sliding_window, *self.layer_windows) if w is not None]
+        return min(windows) if windows else None
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -58,6 +65,10 @@ class CacheSpec:
         for name in ("capacity", "num_layers", "num_kv_heads", "head_dim"):
             f.integer(getattr(self, name), f"cache.{name}", 1, 1 << 24)
         f.optional_integer(self.sliding_window, "cache.sliding_window", 1)
+        if not isinstance(self.layer_windows, (list, tuple)) or \
+                (self.layer_windows and len(self.layer_windows) != self.num_layers):
+            raise f.bad("cache.layer_windows", f"expected one window (or null) per layer, {self.num_layers} in all")
+        put(self, "layer_windows", tuple(f.optional_integer(w, "cache.layer_windows[]", 1) for w in self.layer_windows))
         allowed = {KvDtype.INT8: (ScaleKind.PER_TOKEN,),
                    KvDtype.FP8: (ScaleKind.PER_TOKEN, ScaleKind.STATIC_PER_HEAD)}.get(self.dtype, (ScaleKind.NONE,))
         if self.scales not in allowed:
@@ -216,7 +227,8 @@ class Manifest:
         limits = ModelLimits.of(self.model)
         put(self, "_limits", limits)
         if not isinstance(self.cache, CacheSpec):
-            put(self, "cache", CacheSpec(**f.mapping(self.cache, "cache", _CACHE_KEYS, {"sliding_window"})))
+            put(self, "cache", CacheSpec(**f.mapping(self.cache, "cache", _CACHE_KEYS,
+                                                     {"sliding_window", "layer_windows"})))
         if not isinstance(self.entry_points, list):
             raise f.bad("entry_points", "expected a list")
         put(self, "entry_points", [e if isinstance(e, EntryPoint) else

@@ -71,6 +71,8 @@ def _check_layout(manifest: Manifest, text: str | None) -> None:
     want = {"layout": cache.layout.value, "capacity": cache.capacity, "dtype": cache.dtype.value,
             "scales": cache.scales.value, "num_layers": cache.num_layers, "num_kv_heads": cache.num_kv_heads,
             "head_dim": cache.head_dim, "sliding_window": cache.sliding_window}
+    if cache.layer_windows:
+        want["layer_windows"] = list(cache.layer_windows)
     if layout != want:
         raise ArtifactError(f"manifest.json's cache {want} differs from the KV layout {GRAPH_FILE} was compiled "
                             f"with ({str(layout)[:300]}); the manifest was edited: recompile")

@@ -161,8 +161,8 @@ class GenerationRun:
                  eos_token_ids: Sequence[int], tokenizer=None, overflow: Overflow | OverflowPolicy = Overflow(),
                  prefix: PrefixHit | None = None, bytes_per_token: int = 0, sliding_window: int | None = None,
                  max_positions: int | None = None):
-        """``sliding_window``: the model's own window (manifest.cache.sliding_window), for checking sinks;
-        ``max_positions``: the model's max_position_embeddings (default: the engine's)."""
+        """``sliding_window``: the model's own (narrowest) window (manifest.cache.narrowest_window), for checking
+        sinks; ``max_positions``: the model's max_position_embeddings (default: the engine's)."""
         self.engine, self.params, self.overflow = engine, params, Overflow.of(overflow)
         self.sliding_window = sliding_window
         self.max_positions = max_positions if max_positions is not None else engine.max_positions

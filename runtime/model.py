@@ -149,7 +149,7 @@ class KvcModel:
         ids = [self.encode(p) for p in prompts]
         return GenerationRun(self.engine, ids, params, self.eos_token_ids, self.tokenizer, overflow,
                              prefix=self._find_prefix(ids), bytes_per_token=self.kv_bytes_per_token(),
-                             sliding_window=self.manifest.cache.sliding_window,
+                             sliding_window=self.manifest.cache.narrowest_window,
                              max_positions=self.manifest.limits.max_positions)
 
     def generate(self, prompt: Prompt | list[Prompt], params: SamplingParams = SamplingParams(temperature=0.0),

@@ -368,3 +368,21 @@ def test_fused_export_equals_its_concat_graph(exported, rng, preset, capacity):
         past_len += ids.shape[1]
         ids, pos = greedy(want), pos[:, -1:] + 1
     assert past_len[0] > capacity or config.sliding_window is None
+
+
+def test_per_layer_windows_are_validated_and_kept_in_the_layout():
+    """Per-layer windows (Gemma2) go with no single window; the layout records them for the manifest. (The
+    rewrite itself is checked end to end against transformers: tests/models/test_families_compile.py,
+    tests/passes/test_torch_exports_compile.py.)"""
+    options = RingBufferOptions(capacity=16, layer_windows=(4, None))
+    assert [options.window_of(i) for i in range(2)] == [4, None]
+    with pytest.raises(KvcError, match="either one sliding window or per-layer windows"):
+        RingBufferOptions(capacity=16, sliding_window=4, layer_windows=(4, None))
+    with pytest.raises(KvcError, match="positive integer"):
+        RingBufferOptions(capacity=16, layer_windows=(0, None))
+    layout = KvCacheLayout(num_layers=2, num_kv_heads=1, head_dim=8, capacity=16, layer_windows=(4, None))
+    assert KvCacheLayout.from_dict(json.loads(json.dumps(layout.to_dict()))) == layout
+    assert "layer_windows" not in KvCacheLayout(num_layers=2, num_kv_heads=1, head_dim=8, capacity=16).to_dict()
+    with pytest.raises(GraphError, match=r"3 per-layer windows were given for a graph of 2 layers"):
+        KvRingBufferPass(RingBufferOptions(capacity=16, layer_windows=(4, None, 4)))(build_fused_decoder(
+            SPEC, random_weights(SPEC, 0)))

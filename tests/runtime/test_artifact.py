@@ -80,3 +80,17 @@ def test_tampered_artifact_refused_before_engine_loads(artifact, monkeypatch):
 def test_missing_manifest_is_refused(tmp_path):
     with pytest.raises(ArtifactError, match="no manifest.json"):
         validate_artifact(tmp_path)
+
+
+def test_cache_layer_windows_are_one_per_layer():
+    from kvc.errors import ArtifactError
+    from kvc.runtime.artifact import CacheSpec
+
+    fields = dict(layout="ring", capacity=16, dtype="fp32", scales="none", num_layers=2, num_kv_heads=1, head_dim=8)
+    cache = CacheSpec(**fields, layer_windows=[4, None])
+    assert cache.layer_windows == (4, None) and cache.narrowest_window == 4
+    assert CacheSpec(**fields).narrowest_window is None
+    with pytest.raises(ArtifactError, match="cache.layer_windows"):
+        CacheSpec(**fields, layer_windows=[4])
+    with pytest.raises(ArtifactError, match="cache.layer_windows"):
+        CacheSpec(**fields, layer_windows=[0, None])
