@@ -232,5 +232,6 @@ ENTRY_NAMES = tuple(e.value for e in Entry)
 KVC_DOMAIN = "ai.kvc"
 KVC_DOMAIN_VERSION = 1
 CACHE_ATTENTION_OP = "CacheAttention"  # TVM: Attention over the stored ring (kvc.passes.lower_tvm_cache_attention)
+QUANTIZED_RING_WRITE_OP = "QuantizedRingWrite"  # TVM: a quantized cache's whole write (lower_tvm_quantized_writes)
 PACKED_MATMUL_OP = "PackedMatMul"  # TVM: X @ W on pre-packed (and quantized) weights (kvc.passes.lower_tvm_weight_codes)
 PACKED_GATHER_OP = "PackedGather"  # TVM: embedding rows read from a PackedMatMul weight (kvc.passes.lower_tvm_weight_codes)

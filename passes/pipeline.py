@@ -62,10 +62,11 @@ def lowering_passes(engine: EngineKind | str) -> list[KvcPass]:
     from kvc.passes.fold_reshape_shapes import FoldReshapeShapesPass
     from kvc.passes.lower_tvm_cache_attention import LowerTvmCacheAttentionPass
     from kvc.passes.lower_tvm_outer_products import LowerTvmOuterProductsPass
+    from kvc.passes.lower_tvm_quantized_writes import LowerTvmQuantizedWritesPass
     from kvc.passes.lower_tvm_static_reshapes import LowerTvmStaticReshapesPass
 
     return [FoldReshapeShapesPass(), LowerTvmStaticReshapesPass(), LowerTvmOuterProductsPass(),
-            LowerTvmCacheAttentionPass()]  # weights: per entry, last
+            LowerTvmCacheAttentionPass(), LowerTvmQuantizedWritesPass()]  # weights: per entry, last
 
 
 def entry_lowering_passes(engine: EngineKind | str) -> dict[Entry, list[KvcPass]]:

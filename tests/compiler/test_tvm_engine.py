@@ -255,3 +255,16 @@ def test_thread_pool_follows_the_first_loads_options(compiled, threads):
             f"assert tvm.get_global_func('runtime.NumThreads')() == ({threads} or len(os.sched_getaffinity(0)))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
+def test_quantized_caches_and_scales_are_updated_in_place(compiled, kv_dtype):
+    """The fused quantized write (ai.kvc QuantizedRingWrite) writes codes and scales into the bound buffers."""
+    model = load(compiled("tiny", kv_dtype=kv_dtype, capacity=32, engine="tvm"))
+    engine = model.engine
+    pointers = {name: cache.data_ptr() for name, cache in engine.caches.items()}
+    assert any(name.endswith("key_scale") for name in pointers)
+    model.prefill(np.array([[1, 2, 3, 4]]))
+    model.decode(np.array([5]), np.array([4]))
+    assert {name: cache.data_ptr() for name, cache in engine.caches.items()} == pointers
+    scale = engine.caches["past_key_values.0.key_scale"].numpy()
+    assert np.all(scale[0, :, :5] > 0) and np.all(scale[0, :, 5:] == 0)

@@ -7,11 +7,12 @@ from kvc.compiler.tvm.converters.cache_attention import CacheAttention
 from kvc.compiler.tvm.converters.cast import Cast
 from kvc.compiler.tvm.converters.packed_matmul import PackedGather, PackedMatMul
 from kvc.compiler.tvm.converters.quantize import DequantizeLinear, QuantizeLinear
+from kvc.compiler.tvm.converters.quantized_ring_write import QuantizedRingWrite
 from kvc.compiler.tvm.converters.range import Range
 from kvc.compiler.tvm.converters.rms_normalization import RMSNormalization
 from kvc.compiler.tvm.converters.rotary_embedding import RotaryEmbedding
 from kvc.compiler.tvm.converters.tensor_scatter import TensorScatter
-from kvc.contract import CACHE_ATTENTION_OP, PACKED_GATHER_OP, PACKED_MATMUL_OP
+from kvc.contract import CACHE_ATTENTION_OP, PACKED_GATHER_OP, PACKED_MATMUL_OP, QUANTIZED_RING_WRITE_OP
 
 CONVERTERS = {
     "Attention": Attention,
@@ -24,6 +25,6 @@ CONVERTERS = {
     "Range": Range,
 }
 KVC_CONVERTERS = {CACHE_ATTENTION_OP: CacheAttention, PACKED_MATMUL_OP: PackedMatMul,
-                  PACKED_GATHER_OP: PackedGather}  # domain ai.kvc
+                  PACKED_GATHER_OP: PackedGather, QUANTIZED_RING_WRITE_OP: QuantizedRingWrite}  # domain ai.kvc
 
 __all__ = ["CONVERTERS", "KVC_CONVERTERS"]
