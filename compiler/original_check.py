@@ -143,8 +143,9 @@ def plan_layer_windows_check(vocab_size: int, capacity: int, max_positions: int,
     if narrowest < limit and narrowest - 1 + DECODE_STEPS <= min(limit, LONG_PROMPT_LIMIT + DECODE_STEPS):
         return _random_plan(vocab_size, narrowest + DECODE_STEPS, seed, f"past the narrowest layer window of "
                             f"{narrowest}, within capacity {capacity}", prompt=narrowest - 1)
+    why = "wider" if narrowest >= limit else f"over {LONG_PROMPT_LIMIT} tokens away"
     return _random_plan(vocab_size, limit, seed, f"within capacity {capacity} (the narrowest layer window of "
-                        f"{narrowest} is {'wider' if narrowest >= limit else 'over ' + str(LONG_PROMPT_LIMIT) + ' tokens away'})")
+                        f"{narrowest} is {why})")
 
 
 def _random_plan(vocab_size: int, limit: int, seed: int, covers: str, prompt: Optional[int] = None) -> CheckPlan:

@@ -36,7 +36,8 @@ def test_fp32_tvm_matches_ort_and_greedy_tokens_are_identical(compiled, preset):
 
 
 # tiny-qwen3's head size 32 takes the decode kernel's integer dot products for int8 on AVX-512 BW CPUs
-@pytest.mark.parametrize("preset,kv_dtype", [("tiny", "fp16"), ("tiny", "int8"), ("tiny", "fp8"), ("tiny-qwen3", "int8")])
+@pytest.mark.parametrize("preset,kv_dtype",
+                         [("tiny", "fp16"), ("tiny", "int8"), ("tiny", "fp8"), ("tiny-qwen3", "int8")])
 def test_quantized_caches_match_ort(compiled, preset, kv_dtype):
     ort_model = load(compiled(preset, kv_dtype=kv_dtype, capacity=96))
     tvm_model = load(compiled(preset, kv_dtype=kv_dtype, capacity=96, engine="tvm"))

@@ -124,8 +124,8 @@ def key_scores(groups: int, head_dim: int):
 
 
 def weighted_values(groups: int, head_dim: int):
-    """Macro: acc[g] += sum over the chunk's first ``valid`` slots t of w16[g, t] * cache[b, kh, start + t] * w_scale[g],
-    slots in pairs (a pair's second slot past valid weighs 0: its read is clamped into the ring)."""
+    """Macro: acc[g] += w_scale[g] * sum of w16[g, t] * cache[b, kh, start + t] over the chunk's first ``valid``
+    slots t, in pairs (a pair's second slot past valid weighs 0: its read is clamped into the ring)."""
 
     @T.macro
     def add_chunk(cache, w16, w_scale, acc32, acc, b, kh, start, valid, capacity):
