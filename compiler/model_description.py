@@ -59,12 +59,12 @@ class ModelDescription:
     @property
     def sliding_window(self) -> Optional[int]:
         """One window for every layer (None: full attention, or per-layer windows)."""
-        return None if self.config.has_per_layer_windows else self.config.sliding_window
+        return self.config.sliding_window
 
     @property
     def layer_windows(self) -> tuple[Optional[int], ...]:
-        """Each layer's window where the layers differ (Gemma2), else ()."""
-        return tuple(self.config.layer_windows) if self.config.has_per_layer_windows else ()
+        """Each layer's window where the layers differ (Gemma2), else () (ModelConfig allows only one of the two)."""
+        return tuple(self.config.layer_windows)
 
     @property
     def max_positions(self) -> int:

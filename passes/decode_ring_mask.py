@@ -66,7 +66,7 @@ def _is_ring_mask_without_window(graph: ir.Graph, mask: ir.Value) -> bool:
         if id(value) in initializers:
             name = initializers[id(value)]
             if not name.startswith(RING_INITIALIZER_PREFIX) or name.startswith(WINDOW_INITIALIZER):
-                return False  # not the ring's, or a window's (kvc_ring.window, kvc_ring.window_<W> per layer)
+                return False  # not the ring's, or a window's (kvc_ring.window_<W>)
             continue
         if id(value) in inputs:
             if inputs[id(value)] != PAST_LEN:

@@ -201,8 +201,7 @@ def _build_ring_signals(graph: ir.Graph, layers: list[FusedLayer], past_len_B: i
     for window in windows:
         visible_BSC = causal_BSC
         if window is not None:
-            name = "window" if len(windows) == 1 else f"window_{window}"
-            inside = tape.op("Less", [distance_BSC, const(name, np.array(window, np.int64))])
+            inside = tape.op("Less", [distance_BSC, const(f"window_{window}", np.array(window, np.int64))])
             visible_BSC = tape.op("And", [causal_BSC, inside])
         masks[window] = tape.op("Unsqueeze", [_mask_values(tape, const, visible_BSC, _mask_dtype(layers[0])), axis1])
     return RingSignals(write_index_B, kv_len_B, masks)

@@ -22,9 +22,10 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from kvc.contract import KVC_DOMAIN, KVC_DOMAIN_VERSION, QUANTIZED_RING_WRITE_OP
 from kvc.passes.base import KvcPass, PassReport
+from kvc.passes.kv_codec import FP8_E4M3_MAX, INT8_MAX
 
 STANDARD = ("", "ai.onnx")
-QMAX = {ir.DataType.INT8: 127.0, ir.DataType.FLOAT8E4M3FN: 448.0}
+QMAX = {ir.DataType.INT8: INT8_MAX, ir.DataType.FLOAT8E4M3FN: FP8_E4M3_MAX}
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 
+from onnx import TensorProto
 from tvm import relax, tirx
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 from tvm.script import tirx as T
@@ -24,10 +25,11 @@ from kvc.compiler.tvm.converters.quantize import QuantizeLinear
 from kvc.compiler.tvm.inplace import InPlaceTensorScatter
 from kvc.compiler.tvm.kernels import float8
 from kvc.errors import GraphError
+from kvc.passes.kv_codec import FP8_E4M3_MAX, INT8_MAX
 
 OP = "QuantizedRingWrite"
-QMAX = {"int8": 127.0, "float8_e4m3fn": 448.0}
-_ONNX_TYPE = {"int8": 3, "float8_e4m3fn": 17}  # TensorProto.INT8, FLOAT8E4M3FN
+QMAX = {"int8": INT8_MAX, "float8_e4m3fn": FP8_E4M3_MAX}
+_ONNX_TYPE = {"int8": TensorProto.INT8, "float8_e4m3fn": TensorProto.FLOAT8E4M3FN}
 
 
 def _encode(ratio, dtype: str):
